@@ -1,0 +1,78 @@
+"""Reading a checkpoint directory: config.json and safetensors shards, checked before use.
+
+Tensors are opened lazily (memory-mapped by MLX), so reading never holds the whole
+checkpoint twice."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import ModelLoadError
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: not found; a model directory needs its config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """Parse and check a .safetensors header against the file's size (catches truncation)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{file}: truncated or not a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise ModelLoadError(f"{file}: truncated or not a safetensors file (header past end of file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelLoadError(f"{file}: corrupt safetensors header") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{file}: truncated ({size} bytes, tensors need {8 + n + end}); download it again")
+    return header
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise ModelLoadError(f"{index}: invalid index (expected a 'weight_map')") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise ModelLoadError(f"{file}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no .safetensors weights found")
+    return files
+
+
+def read_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
+    """All tensors of a checkpoint (lazy), and the file each came from."""
+    weights: dict[str, mx.array] = {}
+    origin: dict[str, Path] = {}
+    for file in shard_files(path):
+        safetensors_header(file)
+        try:
+            tensors = mx.load(str(file))
+        except Exception as e:  # MLX raises bare RuntimeError/ValueError on bad files
+            raise ModelLoadError(f"{file}: cannot be read ({e})") from None
+        weights.update(tensors)
+        origin.update(dict.fromkeys(tensors, file))
+    return weights, origin

@@ -1,0 +1,191 @@
+"""Model configuration: one normalized view of every Qwen config.json we accept.
+
+Hugging Face writes these files in two styles (transformers 4: `rope_theta`,
+`rope_scaling`, `num_experts`; transformers 5: `rope_parameters`,
+`num_local_experts`, `layer_types`) and nests the text model of multimodal
+checkpoints under `text_config`. Everything downstream reads `ModelConfig` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelLoadError
+
+# config.json model_type -> architecture family implemented in mlxqwen.models
+MODEL_TYPES = {
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5",
+}
+
+ROPE_TYPES = ("default", "linear", "yarn", "mrope")
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope: RopeConfig
+    attention_bias: bool = False
+    # MoE
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Qwen3.5 hybrid layers
+    layer_types: list[str] = field(default_factory=list)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+    # The config.json as written, for tools that copy or extend it (converter).
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def is_moe_layer(self, index: int) -> bool:
+        if self.num_experts <= 0 or index in self.mlp_only_layers:
+            return False
+        return (index + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.raw.get("quantization") or self.raw.get("quantization_config")
+
+
+def _rope_from(text: dict[str, Any], source: str) -> RopeConfig:
+    params = dict(text.get("rope_parameters") or {})
+    scaling = text.get("rope_scaling") or {}
+    if isinstance(params.get("full_attention"), dict):  # nested per layer type
+        params = dict(params["full_attention"])
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ModelLoadError(f"{source}: rope type {rope_type!r} is not supported (expected one of {ROPE_TYPES})")
+    theta = merged.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        theta = 10000.0
+    partial = merged.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+    return RopeConfig(
+        theta=float(theta),
+        type="default" if rope_type == "mrope" else rope_type,
+        partial_rotary_factor=float(partial),
+        factor=float(merged.get("factor") or 1.0),
+        original_max_position_embeddings=merged.get(
+            "original_max_position_embeddings", text.get("original_max_position_embeddings")
+        ),
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        attention_factor=merged.get("attention_factor"),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        truncate=bool(merged.get("truncate", True)),
+    )
+
+
+def _require(d: dict[str, Any], key: str, source: str) -> Any:
+    if key not in d or d[key] is None:
+        raise ModelLoadError(f"{source}: missing field {key!r}")
+    return d[key]
+
+
+def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Normalize a Hugging Face (or mlx-lm) config.json dict."""
+    model_type = raw.get("model_type")
+    if not model_type:
+        raise ModelLoadError(f"{source}: missing field 'model_type'")
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
+        )
+    family = MODEL_TYPES[model_type]
+    text = dict(raw.get("text_config") or raw)
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in raw:
+        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+
+    hidden = int(_require(text, "hidden_size", source))
+    heads = int(_require(text, "num_attention_heads", source))
+    layers = int(_require(text, "num_hidden_layers", source))
+    rope = _rope_from(text, source)
+    if family == "qwen3_5" and "partial_rotary_factor" not in {
+        **(text.get("rope_parameters") or {}),
+        **text,
+    }:
+        rope.partial_rotary_factor = 0.25  # transformers' default for this family
+
+    num_experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    layer_types = list(text.get("layer_types") or [])
+    if family == "qwen3_5" and not layer_types:
+        interval = int(text.get("full_attention_interval", 4))
+        layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if layer_types and len(layer_types) != layers:
+        raise ModelLoadError(f"{source}: layer_types has {len(layer_types)} entries for {layers} layers")
+
+    cfg = ModelConfig(
+        model_type=model_type,
+        family=family,
+        vocab_size=int(_require(text, "vocab_size", source)),
+        hidden_size=hidden,
+        intermediate_size=int(text.get("intermediate_size") or 0),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(text.get("max_position_embeddings") or 32768),
+        rope=rope,
+        attention_bias=family == "qwen2" or bool(text.get("attention_bias", False)),
+        num_experts=num_experts,
+        num_experts_per_tok=int(text.get("num_experts_per_tok") or 0),
+        moe_intermediate_size=int(text.get("moe_intermediate_size") or 0),
+        shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size") or 0),
+        norm_topk_prob=family == "qwen3_5" or bool(text.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(text.get("decoder_sparse_step") or 1),
+        mlp_only_layers=list(text.get("mlp_only_layers") or []),
+        layer_types=layer_types,
+        linear_num_key_heads=int(text.get("linear_num_key_heads") or 0),
+        linear_num_value_heads=int(text.get("linear_num_value_heads") or 0),
+        linear_key_head_dim=int(text.get("linear_key_head_dim") or 0),
+        linear_value_head_dim=int(text.get("linear_value_head_dim") or 0),
+        linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim") or 4),
+        raw=raw,
+    )
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ModelLoadError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+    if cfg.num_experts and not cfg.num_experts_per_tok:
+        raise ModelLoadError(f"{source}: missing field 'num_experts_per_tok'")
+    return cfg

@@ -1,0 +1,2 @@
+class ModelLoadError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file or field at fault."""

@@ -1,0 +1,3 @@
+from .model import CausalLM, Qwen3_5, build_model
+
+__all__ = ["CausalLM", "Qwen3_5", "build_model"]

@@ -1,0 +1,52 @@
+"""Grouped-query attention for the whole family: optional q/k/v bias (Qwen2), q/k RMSNorm
+(Qwen3 and later) and the sigmoid output gate of Qwen3.5's full-attention layers.
+K/V are cached once per KV head; scaled_dot_product_attention broadcasts them over
+the query groups, so nothing is repeated in memory."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .rope import RoPE
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.gated = cfg.family == "qwen3_5"
+        self.qk_norm = cfg.family != "qwen2"
+        self.scale = self.head_dim**-0.5
+        q_out = self.n_heads * self.head_dim * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        o_bias = cfg.attention_bias and cfg.family != "qwen2"
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=o_bias)
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.rope = RoPE(self.head_dim, cfg.rope, cfg.max_position_embeddings)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        if self.gated:
+            q, gate = mx.split(q, 2, axis=-1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if self.gated:
+            out = out * mx.sigmoid(gate.reshape(B, L, -1))
+        return self.o_proj(out)

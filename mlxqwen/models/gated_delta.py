@@ -1,0 +1,112 @@
+"""Gated DeltaNet, the linear-attention mixer of Qwen3.5 / Qwen3.6.
+
+Per value head the layer keeps a Dk x Dv matrix S. For each token:
+    S <- exp(g) * S;  S <- S + k (beta * (v - S^T k))^T;  out = S^T q
+with q, k L2-normalised, g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b).
+The state is kept in fp32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+
+
+@mx.compile
+def _step(state, q, k, v, g, beta):
+    # state [B, H, Dk, Dv]; q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]
+    state = state * mx.exp(g)[..., None, None]
+    memory = (state * k[..., None]).sum(axis=-2)
+    delta = (v - memory) * beta[..., None]
+    state = state + k[..., None] * delta[..., None, :]
+    return state, (state * q[..., None]).sum(axis=-2)
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H] (fp32). Returns out [B, L, H, Dv], state."""
+    outs = []
+    for t in range(q.shape[1]):
+        state, out = _step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
+        outs.append(out)
+    return mx.stack(outs, axis=1), state
+
+
+def _l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of the mixer output times silu(z); weight multiplies as is (no +1)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps) * nn.silu(gate)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_k_heads, self.n_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.k_dim, self.v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        if self.n_v_heads % self.n_k_heads:
+            raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        self.key_size = self.n_k_heads * self.k_dim
+        self.value_size = self.n_v_heads * self.v_dim
+        self.conv_dim = 2 * self.key_size + self.value_size
+        self.kernel = cfg.linear_conv_kernel_dim
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.in_proj_qkv = nn.Linear(cfg.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(cfg.hidden_size, self.value_size, bias=False)
+        self.in_proj_b = nn.Linear(cfg.hidden_size, self.n_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(cfg.hidden_size, self.n_v_heads, bias=False)
+        self.dt_bias = mx.ones((self.n_v_heads,))
+        self.A_log = mx.zeros((self.n_v_heads,))
+        self.norm = GatedRMSNorm(self.v_dim, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_size, cfg.hidden_size, bias=False)
+
+    def _conv(self, x: mx.array, cache) -> mx.array:
+        """Depthwise causal conv over [B, L, C], continuing from the cached last kernel-1 inputs."""
+        B, L, C = x.shape
+        past = cache.conv_state if cache is not None and cache.conv_state is not None else None
+        if past is None:
+            past = mx.zeros((B, self.kernel - 1, C), x.dtype)
+        padded = mx.concatenate([past, x], axis=1)
+        if cache is not None:
+            cache.conv_state = padded[:, -(self.kernel - 1) :]
+        w = self.conv1d.weight[:, :, 0]  # [C, K]
+        out = padded[:, 0:L] * w[:, 0]
+        for i in range(1, self.kernel):
+            out = out + padded[:, i : i + L] * w[:, i]
+        return nn.silu(out)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        mixed = self._conv(self.in_proj_qkv(x), cache)
+        q, k, v = mx.split(mixed, [self.key_size, 2 * self.key_size], axis=-1)
+        q = _l2norm(q.reshape(B, L, self.n_k_heads, self.k_dim).astype(mx.float32)) * self.k_dim**-0.5
+        k = _l2norm(k.reshape(B, L, self.n_k_heads, self.k_dim).astype(mx.float32))
+        v = v.reshape(B, L, self.n_v_heads, self.v_dim).astype(mx.float32)
+        if self.n_v_heads != self.n_k_heads:
+            groups = self.n_v_heads // self.n_k_heads
+            q, k = mx.repeat(q, groups, axis=2), mx.repeat(k, groups, axis=2)
+        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))
+        a = self.in_proj_a(x).astype(mx.float32)
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32))
+
+        state = cache.recurrent_state if cache is not None else None
+        if state is None:
+            state = mx.zeros((B, self.n_v_heads, self.k_dim, self.v_dim), mx.float32)
+        out, state = gated_delta_rule(q, k, v, g, beta, state)
+        if cache is not None:
+            cache.recurrent_state = state
+            cache.offset += L
+
+        z = self.in_proj_z(x).reshape(B, L, self.n_v_heads, self.v_dim)
+        out = self.norm(out.astype(x.dtype), z)
+        return self.out_proj(out.reshape(B, L, -1))

@@ -1,0 +1,135 @@
+"""The Qwen decoder for every family: a stack of (attention or Gated DeltaNet) + (MLP or
+MoE) layers. Module paths follow mlx-lm's, so mlx-lm's quantized checkpoints load as
+they are and ours load in mlx-lm."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import KVCache, LinearAttentionCache
+from ..config import ModelConfig
+from .attention import Attention
+from .gated_delta import GatedDeltaNet
+from .moe import MLP, SparseMoeBlock, stack_experts
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.is_linear = bool(cfg.layer_types) and cfg.layer_types[index] == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class QwenModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """Qwen2 / Qwen3 / Qwen3-MoE, and the text model inside Qwen3.5."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = QwenModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        return [LinearAttentionCache() if layer.is_linear else KVCache() for layer in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map Hugging Face (or mlx-lm) tensors onto this module tree."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoeBlock):
+                stack_experts(weights, f"model.layers.{i}.mlp", self.config.num_experts)
+        return weights
+
+
+class Qwen3_5(nn.Module):
+    """Qwen3.5 / Qwen3.6 (dense and MoE): hybrid Gated DeltaNet + gated attention.
+
+    Wrapped in `language_model` like the multimodal checkpoints and mlx-lm; vision tower
+    and MTP head are not part of the text decoder and are dropped on load."""
+
+    # Decoder norms compute x̂·(1 + w) in Hugging Face checkpoints; we store 1 + w.
+    _OFFSET_NORMS = (
+        ".input_layernorm.weight",
+        ".post_attention_layernorm.weight",
+        "model.norm.weight",
+        ".q_norm.weight",
+        ".k_norm.weight",
+    )
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.language_model = CausalLM(cfg)
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        return self.language_model(tokens, cache)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.language_model.layers
+
+    def make_cache(self) -> list:
+        return self.language_model.make_cache()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        out = {}
+        for key, value in weights.items():
+            if key.startswith(("mtp.", "model.visual", "visual.", "vision_tower")):
+                continue
+            if key.startswith("model.language_model."):
+                key = "language_model.model." + key[len("model.language_model.") :]
+            elif not key.startswith("language_model."):
+                key = "language_model." + key
+            out[key] = value
+        # Hugging Face layout stores conv1d as [C, 1, K]; ours (and mlx-lm's) is [C, K, 1].
+        from_hf = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
+        for key, value in out.items():
+            if key.endswith("conv1d.weight") and value.shape[-1] != 1:
+                out[key] = value.moveaxis(2, 1)
+            elif from_hf and key.endswith(self._OFFSET_NORMS) and value.ndim == 1:
+                out[key] = value.astype(mx.float32) + 1.0
+        inner = {k[len("language_model.") :]: v for k, v in out.items()}
+        return {"language_model." + k: v for k, v in self.language_model.sanitize(inner).items()}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return Qwen3_5(cfg) if cfg.family == "qwen3_5" else CausalLM(cfg)

@@ -1,0 +1,129 @@
+"""Tiny random Qwen checkpoints built with transformers, the reference for every test.
+
+Every parameter is moved away from its initial value (norms, A_log, dt_bias, biases,
+routers), so a loader that drops or misreads any tensor changes the logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "qwen3-tokenizer"
+
+_BASE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_LINEAR = dict(
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+)
+
+# arch -> (transformers config class, model class, defaults)
+ARCHS = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, "norm_topk_prob": True}),
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _LINEAR),
+    "qwen3_5_moe_text": (
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        {**_LINEAR, **_MOE, "shared_expert_intermediate_size": 48},
+    ),
+}
+
+
+def _rope(arch: str, theta: float, scaling: dict | None) -> dict:
+    params = {"rope_type": "default", "rope_theta": theta}
+    if arch.startswith("qwen3_5"):
+        # 2 * sum(mrope_section) must fit the rotary width (head_dim * 0.25 = 4 -> 2 pairs)
+        params.update(partial_rotary_factor=0.25, mrope_section=[1, 1, 0], mrope_interleaved=True)
+    if scaling:
+        params.update(scaling)
+    return params
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 8 + 0.5))
+            elif name.endswith("dt_bias"):
+                p.copy_(noise * 0.5 + 1.0)
+            elif p.ndim == 1:  # norms and biases
+                p.add_(noise * 0.1)
+            else:
+                p.add_(noise * 0.02)
+
+
+def build_reference(arch: str, seed: int = 0, rope_scaling: dict | None = None, **overrides):
+    """A perturbed transformers model (fp32, eval mode) and its config."""
+    import transformers
+
+    config_cls, model_cls, defaults = ARCHS[arch]
+    kwargs = {**_BASE, **defaults, **overrides}
+    kwargs["rope_parameters"] = _rope(arch, kwargs.pop("rope_theta", 10000.0), rope_scaling)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    perturb(model, seed)
+    return model
+
+
+def _to_transformers4_style(cfg: dict) -> dict:
+    """Rewrite a transformers-5 config.json as transformers 4 wrote it."""
+    cfg = dict(cfg)
+    params = dict(cfg.pop("rope_parameters", None) or {})
+    cfg["rope_theta"] = params.pop("rope_theta", 10000.0)
+    if "partial_rotary_factor" in params:
+        cfg["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    rope_type = params.pop("rope_type", "default")
+    if rope_type != "default":
+        cfg["rope_scaling"] = {"type": rope_type, **params}
+    elif params:
+        cfg["rope_scaling"] = {"type": "mrope", **params}
+    if "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    cfg.pop("layer_types", None)  # transformers 4 derived them from full_attention_interval
+    if "linear_num_key_heads" in cfg:
+        cfg["full_attention_interval"] = 4
+    return cfg
+
+
+def save_checkpoint(model, path: Path, style: str = "t5", tokenizer: bool = True, shards: int = 1) -> Path:
+    """Write the model as a Hugging Face directory (safetensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    total = sum(p.numel() * 4 for p in model.parameters())
+    max_shard = f"{max(1, total // shards // 1000 + 1)}KB" if shards > 1 else "10GB"
+    model.save_pretrained(path, max_shard_size=max_shard)
+    if style == "t4":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(_to_transformers4_style(cfg), indent=2))
+    if tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(TOKENIZER_DIR / name, path / name)
+    return path
+
+
+def reference_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
