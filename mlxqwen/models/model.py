@@ -41,7 +41,7 @@ class QwenModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(tokens)
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
             h = layer(h, c)
         return self.norm(h)
 
