@@ -127,3 +127,51 @@ def save_checkpoint(model, path: Path, style: str = "t5", tokenizer: bool = True
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
+
+
+_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=16,
+)
+
+
+def build_multimodal_reference(moe: bool = False, seed: int = 0):
+    """Qwen3.5 / Qwen3.5-MoE in the `...ForConditionalGeneration` layout (vision tower included)."""
+    import transformers
+
+    arch = "qwen3_5_moe_text" if moe else "qwen3_5_text"
+    text = {**_BASE, **ARCHS[arch][2], "rope_parameters": _rope(arch, 10000.0, None)}
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=_VISION)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).float().eval()
+    perturb(model, seed)
+    return model
+
+
+def fuse_experts(path: Path, prefix: str = "model.layers") -> None:
+    """Rewrite per-expert tensors into the fused 3-D layout (`experts.gate_up_proj`, `experts.down_proj`)
+    that Qwen3.5-MoE releases use."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key in [k for k in tensors if ".mlp.experts." in k]:
+        head, rest = key.split(".mlp.experts.")
+        expert, proj, _ = rest.split(".")
+        groups.setdefault(head, {}).setdefault(int(expert), {})[proj] = tensors.pop(key)
+    for head, experts in groups.items():
+        ordered = [experts[e] for e in sorted(experts)]
+        tensors[f"{head}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([e["gate_proj"], e["up_proj"]]) for e in ordered]
+        )
+        tensors[f"{head}.mlp.experts.down_proj"] = torch.stack([e["down_proj"] for e in ordered])
+    save_file(tensors, file)
