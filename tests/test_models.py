@@ -98,3 +98,15 @@ def test_snapshot_restore_continues_exactly(pair):
         c.restore(m)
     again = np.array(llm.model(mx.array([TOKENS[10:14]]), cache=cache))
     np.testing.assert_array_equal(first, again)
+
+
+LONG = [int(t) for t in np.random.RandomState(4).randint(0, 512, 150)]
+
+
+def test_long_prompt_in_chunks(pair):
+    """Prefills of 64+ tokens take the chunked Gated DeltaNet path, continuing a cached state."""
+    ref, llm = pair
+    expected = reference_logits(ref, LONG).numpy()
+    cache = llm.model.make_cache()
+    got = np.concatenate([np.array(llm.model(mx.array([p]), cache=cache)[0]) for p in (LONG[:70], LONG[70:])])
+    assert rel_err(got, expected) < TOL

@@ -24,13 +24,57 @@ def _step(state, q, k, v, g, beta):
     return state, (state * q[..., None]).sum(axis=-2)
 
 
-def gated_delta_rule(q, k, v, g, beta, state):
-    """q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H] (fp32). Returns out [B, L, H, Dv], state."""
+def _recurrent(q, k, v, g, beta, state):
     outs = []
     for t in range(q.shape[1]):
         state, out = _step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
         outs.append(out)
     return mx.stack(outs, axis=1), state
+
+
+def _chunked(q, k, v, g, beta, state, chunk: int = 64):
+    """The same recurrence with chunks of `chunk` tokens as matmuls (the WY/UT form of DeltaNet):
+    L / chunk sequential steps instead of L, which is what makes long prefills fast on a GPU."""
+    B, L, H, Dk = q.shape
+    pad = -L % chunk
+    q, k, v = (mx.pad(t, [(0, 0), (0, pad), (0, 0), (0, 0)]).transpose(0, 2, 1, 3) for t in (q, k, v))
+    g, beta = (mx.pad(t, [(0, 0), (0, pad), (0, 0)]).transpose(0, 2, 1) for t in (g, beta))
+    n = (L + pad) // chunk
+    q, k, v = (t.reshape(B, H, n, chunk, -1) for t in (q, k, v))
+    g, beta = g.reshape(B, H, n, chunk), beta.reshape(B, H, n, chunk)
+
+    cum = mx.cumsum(g, axis=-1)
+    causal = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_))
+    diff = cum[..., :, None] - cum[..., None, :]
+    decay = mx.where(causal, mx.exp(mx.where(causal, diff, 0.0)), 0.0)
+    k_beta = k * beta[..., None]
+    # (I + A)^-1 for strictly lower-triangular A = (I - A)(I + A^2)(I + A^4)... since A^chunk = 0
+    a = (k_beta @ k.swapaxes(-1, -2)) * decay * (1 - mx.eye(chunk))
+    inverse, power = mx.eye(chunk) - a, a @ a
+    for _ in range(chunk.bit_length() - 2):
+        inverse = inverse + inverse @ power
+        power = power @ power
+    values = inverse @ (v * beta[..., None])
+    keys_decayed = inverse @ (k_beta * mx.exp(cum)[..., None])
+    attn = (q @ k.swapaxes(-1, -2)) * decay
+    q = q * mx.exp(cum)[..., None]
+    k = k * mx.exp(cum[..., -1:] - cum)[..., None]
+    chunk_decay = mx.exp(cum[..., -1])[..., None, None]
+
+    outs = []
+    for i in range(n):
+        v_new = values[:, :, i] - keys_decayed[:, :, i] @ state
+        outs.append(q[:, :, i] @ state + attn[:, :, i] @ v_new)
+        state = state * chunk_decay[:, :, i] + k[:, :, i].swapaxes(-1, -2) @ v_new
+    out = mx.stack(outs, axis=2).reshape(B, H, n * chunk, -1)[:, :, :L]
+    return out.transpose(0, 2, 1, 3), state
+
+
+def gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
+    """q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H] (fp32). Returns out [B, L, H, Dv], state."""
+    if q.shape[1] < chunk:
+        return _recurrent(q, k, v, g, beta, state)
+    return _chunked(q, k, v, g, beta, state, chunk)
 
 
 def _l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:

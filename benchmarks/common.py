@@ -1,0 +1,74 @@
+"""Shared pieces of the benchmarks: a synthetic quantized Qwen3.5-shaped checkpoint in
+mlx-lm's format (random weights), and a table printer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.table import Table
+
+from mlxqwen.config import parse_config
+from mlxqwen.models import build_model
+
+
+def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
+    return {
+        "model_type": "qwen3_5",
+        "text_config": {
+            "model_type": "qwen3_5_text",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 3,
+            "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 128,
+            "num_key_value_heads": max(1, hidden // 512),
+            "head_dim": 256,
+            "linear_num_key_heads": hidden // 128,
+            "linear_num_value_heads": hidden // 64,
+            "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4,
+            "full_attention_interval": 4,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e7,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10],
+            },
+            "tie_word_embeddings": False,
+        },
+    }
+
+
+def write_quantized_checkpoint(path: Path, config: dict, bits: int = 4, group_size: int = 64) -> Path:
+    """Random weights, quantized like mlx-lm does (scales stored in bf16), written in mlx-lm's format."""
+    path.mkdir(parents=True, exist_ok=True)
+    model = build_model(parse_config(config))
+    for layer in model.layers:
+        if layer.is_linear:
+            layer.linear_attn.A_log = mx.log(mx.random.uniform(1.0, 16.0, layer.linear_attn.A_log.shape))
+    nn.quantize(model, group_size, bits)
+    weights = {
+        k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v
+        for k, v in tree_flatten(model.parameters())
+    }
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = {**config, "quantization": {"group_size": group_size, "bits": bits, "mode": "affine"}}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if c != columns[0] else "left")
+    for r in rows:
+        table.add_row(*[f"{x:.2f}" if isinstance(x, float) else str(x) for x in r])
+    Console().print(table)
