@@ -59,7 +59,9 @@ def main() -> None:
         for name in args.dtypes.split(","):
             dtype = getattr(mx, name)
             theirs, _ = mlx_lm_load_model(path)
-            theirs.update(tree_map(lambda x: x.astype(dtype) if x.dtype == mx.bfloat16 else x, theirs.parameters()))
+            theirs.update(
+                tree_map(lambda x, d=dtype: x.astype(d) if x.dtype == mx.bfloat16 else x, theirs.parameters())
+            )
             ours, _ = load_model(path, dtype=dtype)
             ref = measure(theirs, theirs.make_cache, prompt, args.decode)
             got = measure(ours, ours.make_cache, prompt, args.decode)
