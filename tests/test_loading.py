@@ -149,3 +149,14 @@ def test_missing_config(qwen3_dir, tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="not a model directory"):
         mlxqwen.load(tmp_path / "nope")
+
+
+def test_loading_never_holds_the_checkpoint_twice(tmp_path):
+    ref = build_reference("qwen3_5_moe_text", vocab_size=8192, hidden_size=256, intermediate_size=512)
+    path = save_checkpoint(ref, tmp_path / "ckpt")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    llm = mlxqwen.load(path, dtype=mx.float32)
+    assert mx.get_peak_memory() < 1.25 * size
+    del llm
