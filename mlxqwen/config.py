@@ -40,6 +40,7 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    mrope_section: list[int] = field(default_factory=list)  # text-only input reduces mRoPE to 1-D
 
 
 @dataclass
@@ -113,6 +114,7 @@ def _rope_from(text: dict[str, Any], source: str) -> RopeConfig:
         mscale=merged.get("mscale"),
         mscale_all_dim=merged.get("mscale_all_dim"),
         truncate=bool(merged.get("truncate", True)),
+        mrope_section=[int(n) for n in merged.get("mrope_section") or []],
     )
 
 

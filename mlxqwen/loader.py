@@ -37,14 +37,14 @@ def _quantize_for(model: nn.Module, cfg: ModelConfig, weights: dict[str, mx.arra
     nn.quantize(model, **defaults, class_predicate=predicate)
 
 
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     return {
         k: v if not mx.issubdtype(v.dtype, mx.floating) or k.endswith(_KEEP_FP32) else v.astype(dtype)
         for k, v in weights.items()
     }
 
 
-def _check_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[str, Path], path: Path) -> None:
+def check_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[str, Path], path: Path) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -69,8 +69,8 @@ def load_model(path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = Fal
     raw, origin = read_weights(path)
     weights = model.sanitize(raw)
     _quantize_for(model, cfg, weights)
-    _check_weights(model, weights, origin, path)
-    model.load_weights(list(_cast(weights, dtype or default_dtype()).items()))
+    check_weights(model, weights, origin, path)
+    model.load_weights(list(cast_weights(weights, dtype or default_dtype()).items()))
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

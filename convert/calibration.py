@@ -1,0 +1,77 @@
+"""The built-in calibration text of the quality report: about a thousand tokens of the kinds of
+text a local Qwen model is asked for (explanations, chat, code, arithmetic, structured data,
+Chinese), written for this project."""
+
+TEXT = """\
+The water cycle moves water between the oceans, the air and the land. Sunlight warms the surface \
+of the sea, and some of the water evaporates into vapour that rises with the warm air. As the air \
+climbs it cools, and the vapour condenses around tiny particles of dust and salt to form clouds. \
+When the droplets grow heavy enough they fall as rain or snow. Part of that water runs off into \
+rivers and back to the sea, part soaks into the ground and refills aquifers, and part is taken up \
+by plants, which release it again through their leaves. A single molecule may spend days in the \
+atmosphere, centuries in a deep aquifer, or thousands of years locked in a glacier.
+
+User: Can you explain what a hash map is, in two or three sentences?
+Assistant: A hash map stores key-value pairs in an array of buckets. It runs each key through a \
+hash function to pick a bucket, so looking up, inserting or deleting a key takes constant time on \
+average. When two keys land in the same bucket, the map resolves the collision, for example by \
+keeping a short list in that bucket.
+
+User: Write a Python function that returns the n-th Fibonacci number without recursion.
+Assistant: Here is an iterative version that runs in linear time and constant memory:
+
+```python
+def fibonacci(n: int) -> int:
+    if n < 0:
+        raise ValueError("n must be non-negative")
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+print([fibonacci(i) for i in range(10)])  # [0, 1, 1, 2, 3, 5, 8, 13, 21, 34]
+```
+
+A train leaves the station at 9:40 and travels 270 kilometres at an average speed of 90 \
+kilometres per hour. The journey takes 270 / 90 = 3 hours, so it arrives at 12:40. If it stops \
+twice for 8 minutes each, it arrives 16 minutes later, at 12:56. The area of a circle with a \
+radius of 3 cm is pi * 3^2, about 28.27 square centimetres, and its circumference is 2 * pi * 3, \
+about 18.85 cm.
+
+{"name": "get_weather", "arguments": {"city": "Lisbon", "unit": "celsius", "days": 3}}
+The forecast for Lisbon shows 21 degrees and sunshine on Monday, light rain on Tuesday, and a \
+cooler, windy Wednesday with a high of 17 degrees.
+
+长城是中国古代的军事防御工程，东西绵延上万里。它的修建持续了两千多年，从春秋战国时期开始，\
+到明朝时达到规模最大的阶段。今天，长城不仅是重要的历史遗迹，也是世界上最受欢迎的旅游景点之一。\
+每年都有数以百万计的游客前来参观，感受古人的智慧和力量。
+
+Checklist before a long hike:
+1. Check the weather forecast and the time of sunset.
+2. Pack water, food, a map, a light jacket and a small first-aid kit.
+3. Tell someone where you are going and when you expect to be back.
+4. Wear shoes that are already broken in, and carry a spare pair of socks.
+
+In 1859, Charles Darwin published On the Origin of Species, arguing that populations change over \
+generations through natural selection: individuals whose traits suit their environment leave more \
+offspring, and those traits become more common. The idea met fierce resistance at first, but the \
+discovery of genes and, later, of the structure of DNA gave it a mechanism, and today evolution is \
+the organising principle of modern biology.
+
+User: Translate "Where is the nearest train station?" into French and Spanish.
+Assistant: French: « Où est la gare la plus proche ? » Spanish: «¿Dónde está la estación de tren \
+más cercana?»
+
+SELECT customer_id, COUNT(*) AS orders, SUM(total) AS revenue
+FROM orders
+WHERE created_at >= '2024-01-01'
+GROUP BY customer_id
+HAVING COUNT(*) > 5
+ORDER BY revenue DESC
+LIMIT 10;
+
+The query lists the ten customers with the highest revenue among those who placed more than five \
+orders since the start of 2024. An index on created_at lets the database skip older rows, and \
+the grouping then needs a single pass over the remaining ones.
+"""

@@ -1,0 +1,221 @@
+"""Output format `mlx`: a directory in mlx-lm's layout that `mlxqwen.load` and `mlx_lm.load` read.
+
+The source is walked one tensor at a time: each is read (lazily, from its shard), sanitized
+into our module tree, cast to the output dtype, quantized with `mx.quantize` and handed to the
+shard writer, which keeps at most one output shard in memory. A quantized tensor is therefore
+exactly `mx.quantize(source_tensor.astype(dtype), group_size, bits)`, where `dtype` is the
+output dtype of unquantized tensors (FP8 weights are dequantized in fp32 first)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from rich.progress import Progress
+
+from mlxqwen.loader import cast_weights
+
+from .api import ConvertResult
+from .card import write_card
+from .errors import ConvertError
+from .output import check_free_space, staged
+from .progress import add_task
+from .quality import calibration_tokens, evaluate
+from .reader import SourceCheckpoint
+from .recipes import DEFAULT_RECIPE, GROUP_SIZES, RECIPES
+from .shards import ShardWriter
+from .source import Source
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "recipe": {
+        "choices": list(RECIPES),
+        "default": DEFAULT_RECIPE,
+        "help": f"quantization recipe (default {DEFAULT_RECIPE})",
+    },
+    "group_size": {"type": int, "choices": GROUP_SIZES, "default": 64, "help": "quantization group size (default 64)"},
+    "dtype": {"choices": DTYPES, "help": "dtype of the unquantized tensors (default: the source's)"},
+    "vision": {"action": "store_true", "help": "copy the vision tower, unquantized (dropped by default)"},
+    "shard_size": {"type": float, "default": 5.0, "help": "largest output shard, GB (default 5)"},
+    "eval": {
+        "action": "store_true",
+        "help": "measure KL divergence, top-1 agreement and perplexity against the source",
+    },
+}
+
+# Files copied from the source next to the weights.
+COPY_PATTERNS = (
+    "tokenizer*",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "*.tiktoken",
+    "chat_template*",
+    "generation_config.json",
+    "LICENSE*",
+)
+VISION_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+# mlx-lm has no text-only module for these; the multimodal model_type reads the same
+# text model from `text_config`.
+_TEXT_ONLY_PARENT = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
+_TOP_LEVEL = (
+    "architectures",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "dtype",
+    "torch_dtype",
+)
+
+
+def label(recipe: str = DEFAULT_RECIPE, group_size: int = 64, **_: Any) -> str:
+    return recipe if group_size == 64 or recipe == "none" else f"{recipe}-g{group_size}"
+
+
+def default_output(name: str, recipe: str = DEFAULT_RECIPE, group_size: int = 64, **_: Any) -> str:
+    return f"{name}-{label(recipe, group_size)}"
+
+
+def convert(
+    source: Source,
+    output: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    recipe: str = DEFAULT_RECIPE,
+    group_size: int = 64,
+    dtype: str | None = None,
+    vision: bool = False,
+    shard_size: float = 5.0,
+    eval: bool = False,
+) -> ConvertResult:
+    start = time.perf_counter()
+    if shard_size <= 0:
+        raise ConvertError(f"shard_size = {shard_size}: must be a positive number of GB")
+    plan = RECIPES[recipe]
+    checkpoint = SourceCheckpoint.open(source.path)
+    tokens = calibration_tokens(source.path, checkpoint.cfg.vocab_size) if eval else []  # fail before converting
+    out_dtype = getattr(mx, dtype or _source_dtype(checkpoint.raw))
+    decoder, mtp, vision_tower = checkpoint.tensors()
+    layers = checkpoint.cfg.num_hidden_layers
+    bits = {name: plan.bits_for(name, v.shape, group_size, layers) for name, v in {**decoder, **mtp}.items()}
+    tensors = {**decoder, **mtp, **(vision_tower if vision else {})}
+    del decoder, mtp, vision_tower  # the loop below must hold the only reference to each tensor
+    tensors = cast_weights(tensors, out_dtype)
+    quantization = {"group_size": group_size, "bits": plan.bits, "mode": "affine"}
+    for name, b in bits.items():
+        if b and b != plan.bits:
+            quantization[name.removesuffix(".weight")] = {"group_size": group_size, "bits": b, "mode": "affine"}
+
+    with staged(output, force, source.path) as tmp:
+        tmp.mkdir()
+        check_free_space(tmp.parent, _output_bytes(tensors, bits, group_size))
+        writer = ShardWriter(tmp, int(shard_size * 2**30))
+        total = sum(v.nbytes for v in tensors.values())
+        task = add_task(progress, f"convert {source.name}", total) if progress is not None else None
+        params = done = 0
+        for name in list(tensors):
+            value = tensors.pop(name)
+            if bits.get(name):
+                path = name.removesuffix(".weight")
+                packed = mx.quantize(value, group_size, bits[name])
+                arrays = dict(zip((f"{path}.weight", f"{path}.scales", f"{path}.biases"), packed, strict=True))
+            else:
+                arrays = {name: value}
+            mx.eval(*arrays.values())
+            for key, array in arrays.items():
+                writer.add(key, array)
+            params, done = params + value.size, done + value.nbytes
+            del value, arrays
+            if task is not None:
+                progress.update(task, completed=done, info=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB")
+        files = writer.finish()
+        config = output_config(checkpoint.raw, quantization if plan.bits else None, vision, out_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_files(source.path, tmp, vision)
+        bits_per_weight = writer.total_bytes * 8 / params
+        quality = evaluate(checkpoint, tmp, tokens, progress) if eval else None
+        description = f"`{label(recipe, group_size)}`: {plan.description}"
+        if plan.bits:
+            description += f", group size {group_size}"
+        description += f"; unquantized tensors in {_dtype_name(out_dtype)}"
+        write_card(tmp, output.name, source, description, writer.total_bytes, len(files), bits_per_weight, quality)
+    return ConvertResult(
+        output=output,
+        recipe=label(recipe, group_size),
+        size_bytes=writer.total_bytes,
+        bits_per_weight=bits_per_weight,
+        seconds=time.perf_counter() - start,
+        quality=quality,
+    )
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def _source_dtype(raw: dict[str, Any]) -> str:
+    text = raw.get("text_config") or {}
+    for name in (raw.get("dtype"), raw.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
+        if name in DTYPES:
+            return name
+    return "bfloat16"
+
+
+def _output_bytes(tensors: dict[str, mx.array], bits: dict[str, int], group_size: int) -> int:
+    total = 0
+    for name, value in tensors.items():
+        if bits.get(name):
+            total += value.size * bits[name] // 8 + 2 * (value.size // group_size) * value.itemsize
+        else:
+            total += value.nbytes
+    return total
+
+
+def output_config(raw: dict[str, Any], quantization: dict | None, vision: bool, dtype: mx.Dtype) -> dict[str, Any]:
+    config = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config", "_name_or_path")}
+    if not vision:
+        config.pop("vision_config", None)
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if key in section:
+                section[key] = _dtype_name(dtype)
+    _add_transformers4_fields(config.get("text_config") or config)
+    if config.get("model_type") in _TEXT_ONLY_PARENT:
+        top = {k: config[k] for k in _TOP_LEVEL if k in config}
+        config = {**top, "model_type": _TEXT_ONLY_PARENT[config["model_type"]], "text_config": config}
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization  # the key Hugging Face tools look for (mlx-lm writes both)
+    return config
+
+
+def _add_transformers4_fields(text: dict[str, Any]) -> None:
+    """transformers 5 writes `rope_parameters` and `num_local_experts`; mlx-lm's qwen2 and
+    qwen3_moe read only `rope_theta` / `rope_scaling` / `num_experts` (qwen2 silently falls back
+    to its own theta). Write both forms."""
+    if "num_local_experts" in text and "num_experts" not in text:
+        text["num_experts"] = text["num_local_experts"]
+    params = text.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params or "rope_theta" in text:
+        return
+    text["rope_theta"] = params["rope_theta"]
+    if params.get("rope_type", "default") != "default" and "rope_scaling" not in text:
+        text["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+
+
+def _copy_files(source: Path, directory: Path, vision: bool) -> None:
+    patterns = COPY_PATTERNS + (VISION_FILES if vision else ())
+    for pattern in patterns:
+        for file in source.glob(pattern):
+            if file.is_file():
+                shutil.copy(file, directory / file.name)
