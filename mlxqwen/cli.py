@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # subcommand modules, each with register(subparsers) that sets `func` on its parser
-COMMANDS: list[str] = ["mlxqwen.convert.cli"]
+COMMANDS: list[str] = ["mlxqwen.convert.cli", "mlxqwen.generate_cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

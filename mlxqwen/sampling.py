@@ -1,0 +1,140 @@
+"""Choosing the next token: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+Everything runs as MLX operations, so a draw stays inside the lazy decode graph and the
+engine can compute token t+1 while token t is being handed to the caller."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn. temperature 0 is greedy (argmax).
+
+    top_k: keep the k most likely tokens (0: all). top_p: keep the smallest set whose
+    probability reaches p. min_p: drop tokens less likely than min_p times the top one.
+    repetition_penalty: divides positive (multiplies negative) logits of every token
+    already in the context, prompt included (1: off). presence_penalty / frequency_penalty:
+    subtracted from the logits of generated tokens, once / per occurrence (0: off).
+    seed: the same seed gives the same tokens (None: a fresh random seed)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0),
+            ("top_p", 0 < self.top_p <= 1),
+            ("top_k", self.top_k >= 0),
+            ("min_p", 0 <= self.min_p <= 1),
+            ("repetition_penalty", self.repetition_penalty > 0),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+
+
+def recommended_sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling fields a checkpoint's `generation_config.json` recommends (Qwen ships
+    temperature, top_p and top_k there); `do_sample: false` means greedy."""
+    values = {
+        f.name: generation_config[f.name]
+        for f in fields(SamplingParams)
+        if f.name != "seed" and generation_config.get(f.name) is not None
+    }
+    if generation_config.get("do_sample") is False:
+        values["temperature"] = 0.0
+    return values
+
+
+class Sample(NamedTuple):
+    """One draw: the token id and, when asked for, its log-probability and the top alternatives."""
+
+    token: mx.array
+    logprob: mx.array | None = None
+    top_ids: mx.array | None = None
+    top_logprobs: mx.array | None = None
+
+
+class Sampler:
+    """Draws tokens from next-token logits [vocab] under `params`.
+
+    context: token ids already in the sequence (for the repetition penalty).
+    logprobs: None, or how many top alternatives to report with each draw's log-probability."""
+
+    def __init__(self, params: SamplingParams, context: Sequence[int] = (), logprobs: int | None = None):
+        self.params = params
+        self.context = list(context)
+        self.logprobs = logprobs
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.key = mx.random.key(seed)
+        self.seen: mx.array | None = None  # occurrences in context + output
+        self.counts: mx.array | None = None  # occurrences in output
+
+    def _penalize(self, logits: mx.array) -> mx.array:
+        p = self.params
+        vocab = logits.shape[-1]
+        if p.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = mx.zeros(vocab, mx.int32)
+                if self.context:
+                    self.seen = self.seen.at[mx.array(self.context, mx.int32)].add(1)
+            penalized = mx.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = mx.where(self.seen > 0, penalized, logits)
+        if p.presence_penalty or p.frequency_penalty:
+            if self.counts is None:
+                self.counts = mx.zeros(vocab, mx.int32)
+            logits = logits - p.presence_penalty * (self.counts > 0) - p.frequency_penalty * self.counts
+        return logits
+
+    def _draw(self, logits: mx.array) -> mx.array:
+        p = self.params
+        if p.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        self.key, key = mx.random.split(self.key)
+        logits = logits / p.temperature
+        ids = None
+        if 0 < p.top_k < logits.shape[-1]:
+            ids = mx.argpartition(-logits, p.top_k - 1)[: p.top_k]
+            logits = logits[ids]
+        if p.top_p < 1 or p.min_p > 0:
+            order = mx.argsort(-logits)
+            ids = order if ids is None else ids[order]
+            logits = logits[order]
+            probs = mx.softmax(logits)
+            keep = mx.ones(probs.shape, mx.bool_)
+            if p.top_p < 1:
+                keep = keep & ((mx.cumsum(probs) - probs) < p.top_p)
+            if p.min_p > 0:
+                keep = keep & (probs >= p.min_p * probs[0])
+            logits = mx.where(keep, logits, -mx.inf)
+        choice = mx.random.categorical(logits, key=key)
+        return choice if ids is None else ids[choice]
+
+    def __call__(self, logits: mx.array) -> Sample:
+        logits = logits.reshape(-1).astype(mx.float32)
+        token = self._draw(self._penalize(logits))
+        if self.seen is not None:
+            self.seen = self.seen.at[token].add(1)
+        if self.counts is not None:
+            self.counts = self.counts.at[token].add(1)
+        if self.logprobs is None:
+            return Sample(token)
+        logprobs = logits - mx.logsumexp(logits)
+        if not self.logprobs:
+            return Sample(token, logprobs[token])
+        top = mx.argpartition(-logprobs, self.logprobs - 1)[: self.logprobs]
+        top = top[mx.argsort(-logprobs[top])]
+        return Sample(token, logprobs[token], top, logprobs[top])
