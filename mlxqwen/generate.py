@@ -158,6 +158,10 @@ class Backend(ABC):
     @abstractmethod
     def restore(self, cache: Any, snapshot: Any) -> None: ...
 
+    @abstractmethod
+    def settle(self, cache: Any) -> None:
+        """Finish pending work on the cache, so that the next turn can run in another thread."""
+
     # --- public API ---------------------------------------------------------------
 
     def options(self, options: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
@@ -364,63 +368,66 @@ def generate_events(
     cancelled = cancel.is_set if cancel is not None else lambda: False
 
     with mx.stream(_STREAM):
-        mx.reset_peak_memory()
-        reply = _Reply(len(context), options.logprobs is not None)
-        head, chunk = prompt[:-1], backend.prefill_chunk
-        for i in range(0, len(head), chunk):
-            if cancelled():  # once the prompt is in, the first token comes whatever happens
-                yield reply.done(context, "cancelled")
-                return
-            backend.prefill(context.cache, head[i : i + chunk])
-            context.tokens.extend(head[i : i + chunk])
-            if len(head) > chunk:
-                yield PrefillProgress(min(i + chunk, len(head)), len(head))
-        if after_prefill is not None:
-            after_prefill()
+        try:
+            mx.reset_peak_memory()
+            reply = _Reply(len(context), options.logprobs is not None)
+            head, chunk = prompt[:-1], backend.prefill_chunk
+            for i in range(0, len(head), chunk):
+                if cancelled():  # once the prompt is in, the first token comes whatever happens
+                    yield reply.done(context, "cancelled")
+                    return
+                backend.prefill(context.cache, head[i : i + chunk])
+                context.tokens.extend(head[i : i + chunk])
+                if len(head) > chunk:
+                    yield PrefillProgress(min(i + chunk, len(head)), len(head))
+            if after_prefill is not None:
+                after_prefill()
 
-        sampler = Sampler(options, context.tokens + prompt[-1:], options.logprobs)
-        detokenizer = backend.tokenizer.detokenizer()
-        parser = OutputParser(thinking=thinking, tools=tools)
-        stops = _StopStrings(options.stop)
-        eos = backend.tokenizer.eos_token_ids
+            sampler = Sampler(options, context.tokens + prompt[-1:], options.logprobs)
+            detokenizer = backend.tokenizer.detokenizer()
+            parser = OutputParser(thinking=thinking, tools=tools)
+            stops = _StopStrings(options.stop)
+            eos = backend.tokenizer.eos_token_ids
 
-        sample = sampler(backend.forward(context.cache, mx.array(prompt[-1:])))
-        context.tokens.append(prompt[-1])
-        mx.async_eval(*sample)
-        stopped = False
-        while True:
-            # feed token t (not yet known on the host) and queue t+1 before reading t
-            next_sample = sampler(backend.forward(context.cache, sample.token.reshape(1)))
-            mx.async_eval(*next_sample)
-            token = sample.token.item()
-            context.tokens.append(token)
-            reply.generated += 1
-            if reply.generated == 1:
-                reply.first = time.perf_counter()
-            if reply.logprobs is not None:
-                top = (
-                    ()
-                    if sample.top_ids is None
-                    else zip(sample.top_ids.tolist(), sample.top_logprobs.tolist(), strict=True)
-                )
-                reply.logprobs.append(TokenLogprob(token, sample.logprob.item(), tuple(top)))
-            if token in eos:
-                reason = "stop"
-                break
-            text, stopped = stops.push(detokenizer.add(token))
-            yield from reply.add(parser.feed(text))
-            if stopped:
-                reason = "stop"
-                break
-            if reply.generated >= max_new:
-                reason = "length"
-                break
-            if cancelled():
-                reason = "cancelled"
-                break
-            sample = next_sample
-        if not stopped:
-            text, _ = stops.push(detokenizer.flush())
-            yield from reply.add(parser.feed(text + stops.held))
-        yield from reply.add(parser.finish())
-        yield reply.done(context, reason)
+            sample = sampler(backend.forward(context.cache, mx.array(prompt[-1:])))
+            context.tokens.append(prompt[-1])
+            mx.async_eval(*sample)
+            stopped = False
+            while True:
+                # feed token t (not yet known on the host) and queue t+1 before reading t
+                next_sample = sampler(backend.forward(context.cache, sample.token.reshape(1)))
+                mx.async_eval(*next_sample)
+                token = sample.token.item()
+                context.tokens.append(token)
+                reply.generated += 1
+                if reply.generated == 1:
+                    reply.first = time.perf_counter()
+                if reply.logprobs is not None:
+                    top = (
+                        ()
+                        if sample.top_ids is None
+                        else zip(sample.top_ids.tolist(), sample.top_logprobs.tolist(), strict=True)
+                    )
+                    reply.logprobs.append(TokenLogprob(token, sample.logprob.item(), tuple(top)))
+                if token in eos:
+                    reason = "stop"
+                    break
+                text, stopped = stops.push(detokenizer.add(token))
+                yield from reply.add(parser.feed(text))
+                if stopped:
+                    reason = "stop"
+                    break
+                if reply.generated >= max_new:
+                    reason = "length"
+                    break
+                if cancelled():
+                    reason = "cancelled"
+                    break
+                sample = next_sample
+            if not stopped:
+                text, _ = stops.push(detokenizer.flush())
+                yield from reply.add(parser.feed(text + stops.held))
+            yield from reply.add(parser.finish())
+            yield reply.done(context, reason)
+        finally:
+            backend.settle(context.cache)

@@ -58,6 +58,10 @@ class LLM(Backend):
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
+    def settle(self, cache: list[Any]) -> None:
+        # Lazy cache arrays belong to this thread's stream; evaluate them before another thread reads them.
+        mx.eval([c.state for c in cache])
+
     def forward(self, cache: list[Any], tokens: mx.array) -> mx.array:
         return self.model(tokens[None], cache=cache)[0, -1]
 

@@ -43,3 +43,6 @@ class ScriptedBackend(Backend):
 
     def restore(self, cache: list[int], snapshot: int) -> None:
         del cache[snapshot:]
+
+    def settle(self, cache) -> None:
+        pass

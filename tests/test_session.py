@@ -214,3 +214,22 @@ def test_chat_needs_a_template():
     backend.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         backend.chat()
+
+
+def test_turns_in_different_threads(llm):
+    """A UI may run each turn in a new worker thread: the cache must not hold lazy work tied
+    to the previous thread's MLX stream."""
+    chat = llm.chat()
+    replies, errors = [], []
+
+    def turn(message):
+        try:
+            replies.append(chat.send(message, max_tokens=3, temperature=0))
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    for message in ("one", "two", "three"):
+        worker = threading.Thread(target=turn, args=(message,))
+        worker.start()
+        worker.join()
+    assert not errors and len(replies) == 3
