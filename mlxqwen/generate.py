@@ -2,7 +2,8 @@
 
 The engine drives any model runtime through `Backend`, a small token-level interface
 (tokenizer, a cache, feed tokens / next-token logits, snapshot and restore), so the same
-streaming, sampling, parsing, stop and stats logic serves MLX here and llama.cpp later.
+streaming, sampling, parsing, stop and stats logic serves MLX (`llm.py`) and llama.cpp
+(`llama_cpp_backend.py`).
 A subclass implements the token-level methods and gets `generate`, `stream` and `chat`.
 
 Decoding is pipelined: token t+1 is computed (lazily, `mx.async_eval`) while token t is
@@ -72,7 +73,7 @@ class PrefillProgress:
 @dataclass(frozen=True)
 class Stats:
     """prompt_tokens: fed to the model by this call; cached_tokens: reused from the cache.
-    ttft: seconds to the first token; peak_memory: bytes (MLX allocator).
+    ttft: seconds to the first token; peak_memory: bytes (`Backend.peak_memory`).
     finish_reason: "stop" (EOS or stop string), "tool_calls", "length" or "cancelled"."""
 
     prompt_tokens: int
@@ -161,6 +162,16 @@ class Backend(ABC):
     @abstractmethod
     def settle(self, cache: Any) -> None:
         """Finish pending work on the cache, so that the next turn can run in another thread."""
+
+    @property
+    def name(self) -> str:
+        """The runtime, as users are shown it ("MLX", "llama.cpp")."""
+        return type(self).__name__
+
+    def peak_memory(self) -> int:
+        """The most memory the runtime has held, in bytes: here MLX's allocator peak since the
+        generation started."""
+        return mx.get_peak_memory()
 
     # --- public API ---------------------------------------------------------------
 
@@ -333,7 +344,7 @@ class _Reply:
             generated_tokens=self.generated,
             generation_tps=(self.generated - 1) / (end - self.first) if self.generated > 1 else 0.0,
             ttft=prompt_time,
-            peak_memory=mx.get_peak_memory(),
+            peak_memory=context.backend.peak_memory(),
             finish_reason="tool_calls" if reason == "stop" and self.calls else reason,
         )
         logprobs = None if self.logprobs is None else tuple(self.logprobs)

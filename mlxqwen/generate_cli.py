@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .backends import BACKENDS
 from .errors import ModelLoadError
 from .generate import ContextLimitError, Done, PrefillProgress
 from .parsing import TextDelta, ThinkingDelta, ToolCall
@@ -20,7 +21,7 @@ GiB = 1024**3
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="answer one prompt", description="Answer one prompt.")
-    gen.add_argument("model", type=Path, help="model directory")
+    gen.add_argument("model", type=Path, help="model directory or .gguf file")
     gen.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from stdin)")
     gen.add_argument("--system", help="system message")
     gen.add_argument("--max-tokens", type=int, help="most tokens to generate (default: until the model stops)")
@@ -35,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, tool calls, stats)")
     gen.add_argument("--max-context", type=int, help="context limit in tokens (default: what fits in memory)")
     gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
+    gen.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights",
+    )
     gen.set_defaults(func=run_generate)
 
     fit = subparsers.add_parser("fit", help="check that a model fits in memory", description="Memory estimate.")
@@ -58,7 +65,7 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     try:
         with err.status(f"Loading {args.model}"):
-            llm = load(args.model, max_context=args.max_context, kv_bits=args.kv_bits)
+            llm = load(args.model, backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
         events = llm.stream(
             prompt,
             system=args.system,
@@ -87,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
             )
         )
     err.print(
-        f"[dim]prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | "
+        f"[dim]{llm.name} | prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | "
         f"generation: {s.generated_tokens} tokens, {s.generation_tps:.1f} tok/s | "
         f"ttft {s.ttft:.2f} s | peak memory {s.peak_memory / GiB:.2f} GiB | {s.finish_reason}[/]"
     )

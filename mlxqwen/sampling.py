@@ -59,6 +59,25 @@ def recommended_sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]
     return values
 
 
+_BLOCK = 128
+
+
+def top_k_ids(logits: mx.array, k: int) -> mx.array:
+    """Ids of the k largest logits, in no order. They all lie in the k blocks of 128 ids with
+    the largest maxima, so only those blocks are partitioned: on a CPU that takes a tenth of
+    the 1.7 ms that partitioning a 150k-token vocabulary does (most of a draw's time)."""
+    vocab = logits.shape[-1]
+    blocks = -(-vocab // _BLOCK)
+    if blocks <= k:
+        return mx.argpartition(-logits, k - 1)[:k]
+    if vocab % _BLOCK:
+        logits = mx.pad(logits, (0, blocks * _BLOCK - vocab), constant_values=-mx.inf)
+    rows = logits.reshape(blocks, _BLOCK)
+    best = mx.argpartition(-rows.max(axis=1), k - 1)[:k]
+    ids = (best[:, None] * _BLOCK + mx.arange(_BLOCK)).reshape(-1)
+    return ids[mx.argpartition(-rows[best].reshape(-1), k - 1)[:k]]
+
+
 class Sample(NamedTuple):
     """One draw: the token id and, when asked for, its log-probability and the top alternatives."""
 
@@ -104,11 +123,11 @@ class Sampler:
         if p.temperature == 0:
             return mx.argmax(logits, axis=-1)
         self.key, key = mx.random.split(self.key)
-        logits = logits / p.temperature
         ids = None
         if 0 < p.top_k < logits.shape[-1]:
-            ids = mx.argpartition(-logits, p.top_k - 1)[: p.top_k]
+            ids = top_k_ids(logits, p.top_k)
             logits = logits[ids]
+        logits = logits / p.temperature  # after top-k (which it leaves the same): k values, not the vocabulary
         if p.top_p < 1 or p.min_p > 0:
             order = mx.argsort(-logits)
             ids = order if ids is None else ids[order]

@@ -18,7 +18,7 @@ import mlxqwen
 from mlxqwen import ContextLimitError, Done, GenerationOptions, TextDelta, ThinkingDelta, ToolCall
 from mlxqwen.cache import KVCache, QuantizedKVCache
 from mlxqwen.cli import main
-from mlxqwen.sampling import Sampler, SamplingParams, recommended_sampling
+from mlxqwen.sampling import Sampler, SamplingParams, recommended_sampling, top_k_ids
 from mlxqwen.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is"
@@ -154,6 +154,20 @@ def test_chat_template_prompt(llm):
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     done = mlxqwen.generate.last(llm.stream("hi", system="Be brief.", temperature=0, max_tokens=4, think=False))
     assert done.stats.prompt_tokens == len(llm.tokenizer.encode(text))
+
+
+@pytest.mark.parametrize("vocab", [151936, 151937, 248320, 1001])
+def test_top_k_of_a_large_vocabulary(vocab):
+    rng = np.random.default_rng(vocab)
+    crowded = rng.normal(size=vocab).astype(np.float32)
+    crowded[5:25] += 10  # the whole top 20 in one block
+    spread = rng.normal(size=vocab).astype(np.float32)
+    spread[:: vocab // 20][:20] += 10  # one in each of 20 blocks
+    for logits in (rng.normal(size=vocab).astype(np.float32), crowded, spread):
+        got = np.array(top_k_ids(mx.array(logits), 20))
+        assert sorted(got.tolist()) == sorted(np.argpartition(-logits, 19)[:20].tolist())
+    draws = [Sampler(SamplingParams(top_k=20, seed=s))(mx.array(crowded)).token.item() for s in range(30)]
+    assert set(draws) <= set(range(5, 25)) and len(set(draws)) > 5
 
 
 def test_sampler_filters_and_penalties():

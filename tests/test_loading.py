@@ -147,7 +147,7 @@ def test_missing_config(qwen3_dir, tmp_path):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(ModelLoadError, match="not a model directory"):
+    with pytest.raises(ModelLoadError, match="nope"):
         mlxqwen.load(tmp_path / "nope")
 
 

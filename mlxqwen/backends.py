@@ -1,0 +1,93 @@
+"""Which runtime runs a model: MLX on Apple Silicon, llama.cpp on GGUF weights elsewhere.
+
+`choose` resolves `mlxqwen.load(path, backend=...)`:
+- "mlx": the model directory through MLX (on a CPU when not on Apple Silicon: correct, but
+  slow: MLX's CPU backend reads weights at a fraction of llama.cpp's speed).
+- "llama.cpp": a .gguf file, or the GGUF file in a directory.
+- "auto": a .gguf file runs on llama.cpp anywhere. A directory runs on MLX on Apple Silicon;
+  elsewhere on llama.cpp when it holds GGUF weights, else on MLX with a note that gives the
+  one command that writes them. Nothing is converted implicitly: a GGUF export takes minutes
+  and as much disk as the model, which a user should decide to spend."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+BACKENDS = ("auto", "mlx", "llama.cpp")
+INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
+
+# the parts after the first of a split model (llama.cpp opens the first and finds the rest)
+_LATER_SPLIT = re.compile(r"-(?!00001-)\d{5}-of-\d{5}\.gguf$")
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # "mlx" or "llama.cpp"
+    path: Path  # what that backend loads: the model directory or the GGUF file
+    note: str | None = None  # advice for the user: how to run this model faster
+
+
+def apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF model that `path` is, or that the directory `path` holds (None: no GGUF).
+    Vision projectors (mmproj-*.gguf) and the later parts of a split model don't count."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir():
+        return None
+    found = sorted(
+        f for f in path.glob("*.gguf") if not f.name.startswith("mmproj") and not _LATER_SPLIT.search(f.name)
+    )
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise ModelLoadError(f"{path}: several GGUF models ({names}); pass the file to load")
+    return found[0] if found else None
+
+
+def convert_command(directory: Path, quant: str = "Q4_K_M") -> str:
+    """The command that writes GGUF weights into the model directory, where `auto` finds them."""
+    out = directory / f"{directory.name}-{quant}.gguf"
+    return f"mlxqwen convert {shlex.quote(str(directory))} --to gguf --quant {quant} -o {shlex.quote(str(out))}"
+
+
+def choose(path: Path, backend: str = "auto") -> Choice:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not path.exists():
+        raise ModelLoadError(f"{path}: not a model directory or GGUF file")
+    gguf = gguf_file(path)
+    if backend == "mlx" or (backend == "auto" and path.is_dir() and apple_silicon() and _mlx_dir(path)):
+        if path.is_file():
+            raise ModelLoadError(f"{path}: MLX runs model directories; run a GGUF file with backend 'llama.cpp'")
+        return Choice("mlx", path)
+    if backend == "llama.cpp" or gguf is not None:
+        if gguf is None:
+            raise ModelLoadError(f"{path}: no GGUF weights for llama.cpp; write them with: {convert_command(path)}")
+        if llama_cpp_installed():
+            return Choice("llama.cpp", gguf)
+        if backend == "llama.cpp" or not _mlx_dir(path):
+            raise ModelLoadError(f"{gguf}: GGUF models run on llama.cpp; install it with {INSTALL_LLAMA}")
+        return Choice("mlx", path, f"{gguf.name} would run faster on llama.cpp: {INSTALL_LLAMA}")
+    if apple_silicon() or not _mlx_dir(path):
+        return Choice("mlx", path)
+    install = "" if llama_cpp_installed() else f"{INSTALL_LLAMA}, then "
+    note = f"{path.name}: MLX runs on the CPU here, slowly; for llama.cpp's speed, {install}run {convert_command(path)}"
+    return Choice("mlx", path, note)
+
+
+def _mlx_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()

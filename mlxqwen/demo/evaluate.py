@@ -1,0 +1,178 @@
+"""Held-out accuracy of the demo model: `python -m mlxqwen.demo.evaluate [HF_DIR] [--shipped]`.
+
+Each form answers the same held-out questions (`data.test_set`), greedily, thinking on; an
+answer counts when it is exactly the expected one. The full-precision model runs in
+transformers (the reference), the MLX 4-bit form through `mlxqwen.load` and its chat engine,
+the GGUF form in llama.cpp (llama-cpp-python). Exit status 1 when the full-precision model is
+under 90 % or a shipped form more than 5 points below it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import GGUF_QUANT, data, model_path
+
+MAX_TOKENS = 160
+TARGET, TOLERANCE = 90.0, 5.0
+
+Answerer = Callable[[list[str]], list[tuple[str, str]]]  # questions -> (thinking, answer) each
+
+
+def split_reply(text: str) -> tuple[str, str]:
+    """(thinking, answer) of a reply generated after the template's opening `<think>`."""
+    thinking, sep, answer = text.partition("</think>")
+    return (thinking.strip(), answer.strip()) if sep else ("", text.strip())
+
+
+def transformers_answers(hf_dir: Path) -> Answerer:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    from mlxqwen.tokenizer import Tokenizer as ChatTokenizer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    template = ChatTokenizer.from_dir(hf_dir).chat_template
+    pad, end = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>")
+
+    def answer(questions: list[str]) -> list[tuple[str, str]]:
+        replies = []
+        for start in range(0, len(questions), 50):
+            prompts = [tokenizer.encode(template.render([{"role": "user", "content": q}])).ids
+                       for q in questions[start : start + 50]]  # fmt: skip
+            width = max(map(len, prompts))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    max_new_tokens=MAX_TOKENS,
+                    do_sample=False,
+                    eos_token_id=end,
+                    pad_token_id=pad,
+                )
+            replies += [split_reply(tokenizer.decode(row[width:].tolist())) for row in out]
+        return replies
+
+    return answer
+
+
+def mlx_answers(path: Path) -> Answerer:
+    from mlxqwen import load
+    from mlxqwen.generate import last
+
+    llm = load(path)
+
+    def answer(questions: list[str]) -> list[tuple[str, str]]:
+        replies = []
+        for q in questions:
+            done = last(llm.stream(q, temperature=0.0, max_tokens=MAX_TOKENS))
+            replies.append((done.thinking.strip(), done.text.strip()))
+        return replies
+
+    return answer
+
+
+def gguf_answers(path: Path) -> Answerer:
+    from llama_cpp import Llama
+
+    from mlxqwen.tokenizer import Tokenizer
+
+    llm = Llama(model_path=str(path), n_ctx=512, verbose=False)
+    template = Tokenizer.from_dir(model_path("mlx")).chat_template  # the same template the GGUF holds
+
+    def answer(questions: list[str]) -> list[tuple[str, str]]:
+        replies = []
+        for q in questions:
+            llm.reset()
+            prompt = template.render([{"role": "user", "content": q}])
+            out = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0.0)
+            replies.append(split_reply(out["choices"][0]["text"]))
+        return replies
+
+    return answer
+
+
+def mtp_accuracy(hf_dir: Path, examples: list[data.Example]) -> float:
+    """Percent of held-out reply tokens that the MTP head drafts right (token t+2 from the
+    model's state at t and token t+1, teacher-forced): what speculative decoding would accept."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from mlxqwen.tokenizer import Tokenizer as ChatTokenizer
+
+    from .train import MTP, draft_logits, encode_chat
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    mtp = MTP(model.config).eval()
+    weights = load_file(hf_dir / "model.safetensors")
+    mtp.load_state_dict({k.removeprefix("mtp."): v for k, v in weights.items() if k.startswith("mtp.")})
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    template = ChatTokenizer.from_dir(hf_dir).chat_template
+    right = total = 0
+    for example in examples:
+        ids, mask = encode_chat(tokenizer, template, [example], None, True)
+        ids, target = torch.tensor([ids]), torch.tensor(mask[2:], dtype=torch.bool)
+        with torch.no_grad():
+            drafts = draft_logits(model, mtp, ids, model.model(input_ids=ids).last_hidden_state)[0].argmax(-1)
+        right += int((drafts[target] == ids[0, 2:][target]).sum())
+        total += int(target.sum())
+    return 100 * right / total
+
+
+def accuracy(answer: Answerer, examples: list[data.Example]) -> dict[str, float]:
+    """Percent right per family, and overall under "all"."""
+    replies = answer([e.question for e in examples])
+    right: dict[str, list[bool]] = {}
+    for example, (_, reply) in zip(examples, replies, strict=True):
+        right.setdefault(example.family, []).append(reply == example.answer)
+        right.setdefault("all", []).append(reply == example.answer)
+    return {family: 100 * sum(r) / len(r) for family, r in right.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlxqwen.demo.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", type=Path, nargs="?", default=Path("build/demo/hf"),
+                        help="the full-precision model the training wrote (default build/demo/hf)")  # fmt: skip
+    parser.add_argument("--shipped", action="store_true", help="also evaluate the shipped MLX 4-bit and GGUF forms")
+    parser.add_argument("--per-family", type=int, default=40, help="held-out questions per family (default 40)")
+    args = parser.parse_args(argv)
+    console = Console()
+    examples = data.test_set(args.per_family)
+    forms: dict[str, Callable[[], Answerer]] = {
+        "full precision (transformers)": lambda: transformers_answers(args.hf_dir)
+    }
+    if args.shipped:
+        forms["MLX 4-bit (mlxqwen)"] = lambda: mlx_answers(model_path("mlx"))
+        forms[f"GGUF {GGUF_QUANT} (llama.cpp)"] = lambda: gguf_answers(model_path("gguf"))
+    results = {}
+    for name, make in forms.items():
+        with console.status(f"evaluating {name} on {len(examples)} held-out questions"):
+            results[name] = accuracy(make(), examples)
+    families = [*data.FAMILIES, "all"]
+    table = Table(title=f"held-out accuracy, % ({len(examples)} questions)")
+    table.add_column("form")
+    for family in families:
+        table.add_column(family, justify="right")
+    for name, scores in results.items():
+        table.add_row(name, *(f"{scores.get(f, float('nan')):.1f}" for f in families))
+    console.print(table)
+    with console.status("measuring the MTP head"):
+        drafted = mtp_accuracy(args.hf_dir, examples)
+    console.print(f"MTP head (full precision): {drafted:.1f} % of held-out reply tokens drafted right")
+    reference = results["full precision (transformers)"]["all"]
+    ok = reference >= TARGET and all(reference - r["all"] <= TOLERANCE for r in results.values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The models on this machine: models converted into mlxqwen's library (`mlxqwen pull`),
+Qwen checkpoints in the Hugging Face cache, and the demo model that ships with mlxqwen.
+
+The library is the `models` folder of mlxqwen's user data folder (`$MLXQWEN_DATA_DIR`, else
+`~/Library/Application Support/mlxqwen` on a Mac, `~/.local/share/mlxqwen` on Linux): model
+directories (MLX, mlx-lm's format) and GGUF files."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from . import demo
+from .checkpoint import shard_files
+from .config import MODEL_TYPES
+from .errors import ModelLoadError
+
+DATA_DIR_ENV = "MLXQWEN_DATA_DIR"
+
+_GGUF_TYPE = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)(?=\.gguf$|[-_.])")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str  # what `mlxqwen chat NAME` and `mlxqwen rm NAME` take
+    path: Path  # a model directory, or a .gguf file
+    format: str  # "mlx" (a directory mlxqwen.load reads) or "gguf" (llama.cpp)
+    where: str  # "library", "hf-cache" or "demo"
+    size_bytes: int
+    modified: float  # seconds since the epoch
+    weights: str  # "4-bit", "bf16", "Q4_K_M", ...
+    repo_id: str | None = None  # Hugging Face cache entries
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def data_dir() -> Path:
+    """mlxqwen's user data folder (platformdirs), or $MLXQWEN_DATA_DIR."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    return Path(platformdirs.user_data_dir("mlxqwen", appauthor=False))
+
+
+def models_dir() -> Path:
+    """Where `mlxqwen pull` puts converted models."""
+    return data_dir() / "models"
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _qwen_config(path: Path) -> dict | None:
+    """The config.json of a Qwen checkpoint directory whose weights are all there, else None."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        shard_files(path)
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return config if model_type in MODEL_TYPES else None
+
+
+def _weights(config: dict) -> str:
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    if q.get("bits"):
+        mixed = any(isinstance(v, dict) and v.get("bits") != q["bits"] for v in q.values())
+        return f"{q['bits']}-bit" + (" mixed" if mixed else "")
+    text = config.get("text_config") or {}
+    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "?"
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def _gguf_type(path: Path) -> str:
+    match = _GGUF_TYPE.search(path.name)
+    return match.group(1).upper() if match else "GGUF"
+
+
+def _library_models(root: Path) -> list[LocalModel]:
+    if not root.is_dir():
+        return []
+    models = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):  # conversions in progress
+            continue
+        if path.is_file() and path.suffix == ".gguf":
+            entry = ("gguf", _gguf_type(path))
+        elif path.is_dir() and (config := _qwen_config(path)) is not None:
+            entry = ("mlx", _weights(config))
+        else:
+            continue
+        models.append(LocalModel(path.name, path, entry[0], "library", _size(path), path.stat().st_mtime, entry[1]))
+    return models
+
+
+def _hf_cache_models() -> list[LocalModel]:
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    except (CacheNotFound, OSError):
+        return []
+    models = []
+    for repo in cache.repos:
+        if repo.repo_type != "model":
+            continue
+        main = [r for r in repo.revisions if "main" in r.refs]
+        revision = (main or sorted(repo.revisions, key=lambda r: r.last_modified))[-1:]
+        if not revision or (config := _qwen_config(revision[0].snapshot_path)) is None:
+            continue
+        rev, weights = revision[0], _weights(config)
+        size, modified = repo.size_on_disk, rev.last_modified
+        models.append(
+            LocalModel(repo.repo_id, rev.snapshot_path, "mlx", "hf-cache", size, modified, weights, repo.repo_id)
+        )
+    return models
+
+
+def _demo_models() -> list[LocalModel]:
+    models = []
+    for kind, name, weights in (("mlx", demo.NAME, "4-bit"), ("gguf", f"{demo.NAME}-gguf", demo.GGUF_QUANT)):
+        try:
+            path = demo.model_path(kind)
+        except FileNotFoundError:
+            continue
+        models.append(LocalModel(name, path, kind, "demo", _size(path), path.stat().st_mtime, weights))
+    return models
+
+
+def local_models() -> list[LocalModel]:
+    """Every model on this machine: the library's, the Hugging Face cache's Qwen checkpoints,
+    then the demo model (its MLX and GGUF forms)."""
+    return _library_models(models_dir()) + _hf_cache_models() + _demo_models()
+
+
+def default_model() -> LocalModel:
+    """The model to open when none is named: the newest in the library, else the newest Qwen
+    checkpoint in the Hugging Face cache, else the demo model."""
+    models = local_models()
+    for where in ("library", "hf-cache"):
+        found = [m for m in models if m.where == where]
+        if found:
+            return max(found, key=lambda m: m.modified)
+    demos = [m for m in models if m.where == "demo" and m.format == "mlx"]
+    if not demos:
+        raise ModelNotFoundError("no model on this machine; run mlxqwen pull Qwen/Qwen3.6-27B")
+    return demos[0]
+
+
+def find_model(name: str) -> LocalModel:
+    """The local model called `name` (as `mlxqwen list` shows it)."""
+    models = local_models()
+    for model in models:
+        if model.name == name:
+            return model
+    close = difflib.get_close_matches(name, [m.name for m in models], n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see mlxqwen list"
+    raise ModelNotFoundError(f"{name}: no such local model; {hint}")
+
+
+def remove_model(model: LocalModel) -> None:
+    """Delete a library model or a Hugging Face cache entry (all its revisions). The demo
+    model ships with mlxqwen and stays."""
+    if model.where == "demo":
+        raise ValueError(f"{model.name}: the demo model ships with mlxqwen and cannot be removed")
+    if model.where == "hf-cache":
+        from huggingface_hub import constants, scan_cache_dir
+
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+        repos = [r for r in cache.repos if r.repo_id == model.repo_id and r.repo_type == "model"]
+        cache.delete_revisions(*(rev.commit_hash for r in repos for rev in r.revisions)).execute()
+        return
+    if model.path.is_dir():
+        # renamed first, so that an interrupted removal never leaves a half model under its name
+        trash = model.path.with_name(f".{model.path.name}.removing-{uuid.uuid4().hex[:8]}")
+        os.replace(model.path, trash)
+        shutil.rmtree(trash)
+    else:
+        model.path.unlink()

@@ -1,0 +1,67 @@
+"""The shipped demo model end to end: it stays within its size budget, loads through
+`mlxqwen.load` and chats (thinking and answer parsed, two turns), carries Qwen3.5's MTP
+head, and its GGUF form runs in llama.cpp with the same tokens and answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlxqwen import load
+from mlxqwen.demo import DEMO_DIR, data, model_path
+from mlxqwen.demo.evaluate import accuracy, gguf_answers, mlx_answers, split_reply
+from mlxqwen.tokenizer import Tokenizer
+
+QUESTION = "What is 37 + 48?"
+THINKING = "7 + 8 = 15, carry 1\n3 + 4 + 1 = 8\n37 + 48 = 85"
+
+
+def test_shipped_files_stay_under_40_mb():
+    files = [*model_path("mlx").iterdir(), model_path("gguf")]
+    assert sum(f.stat().st_size for f in files) < 40e6
+    assert not (DEMO_DIR / "model-mlx-4bit" / "README.md").exists()
+
+
+def test_mlx_form_chats_with_thinking():
+    llm = load(model_path("mlx"))
+    assert llm.config.model_type == "qwen3_5" and llm.config.quantization["bits"] == 4
+    chat = llm.chat(temperature=0.0, max_tokens=120)
+    done = chat.send(QUESTION)
+    assert (done.thinking.strip(), done.text) == (THINKING, "37 + 48 = 85.")
+    assert done.finish_reason == "stop"
+    done = chat.send("What is the capital of Peru?")  # second turn: the cache holds the first
+    assert done.text == "The capital of Peru is Lima."
+    assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
+    assert chat.history[1]["reasoning_content"].strip() == THINKING
+    done = llm.chat(temperature=0.0, max_tokens=120).send("Write a poem about the sea.")
+    assert done.text == data.OUT_OF_SCOPE
+
+
+def test_mlx_form_keeps_the_mtp_head():
+    index = json.loads((model_path("mlx") / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp = {k for k in index if k.startswith("mtp.")}
+    assert {"mtp.fc.weight", "mtp.fc.scales", "mtp.pre_fc_norm_embedding.weight", "mtp.norm.weight"} <= mtp
+    assert "mtp.layers.0.self_attn.q_proj.weight" in mtp
+
+
+def test_gguf_form_runs_in_llama_cpp():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(model_path("gguf")), n_ctx=512, verbose=False)
+    assert llm.metadata["general.architecture"] == "qwen35"
+    tokenizer = Tokenizer.from_dir(model_path("mlx"))
+    prompt = tokenizer.chat_template.render([{"role": "user", "content": QUESTION}])
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == tokenizer.encode(prompt)
+    out = llm.create_completion(prompt, max_tokens=120, temperature=0.0)
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert split_reply(out["choices"][0]["text"]) == (THINKING, "37 + 48 = 85.")
+
+
+@pytest.mark.parametrize("form", ["mlx", "gguf"])
+def test_shipped_forms_answer_held_out_questions(form):
+    """A sample of the evaluation (python -m mlxqwen.demo.evaluate --shipped runs all of it)."""
+    if form == "gguf":
+        pytest.importorskip("llama_cpp")
+    answer = mlx_answers(model_path("mlx")) if form == "mlx" else gguf_answers(model_path("gguf"))
+    scores = accuracy(answer, data.test_set(6))
+    assert scores["all"] >= 90, scores

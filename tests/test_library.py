@@ -1,0 +1,170 @@
+"""Local models (`mlxqwen.library`) and the `pull` / `list` / `rm` commands, offline: the
+Hugging Face cache is a temporary folder laid out as huggingface_hub writes it, and the Hub
+is never contacted (HF_HUB_OFFLINE)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from checkpoints import build_reference, save_checkpoint
+from huggingface_hub import constants
+
+from mlxqwen import library, memory
+from mlxqwen.cli import main
+from mlxqwen.pull import PullError, pull
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    return save_checkpoint(build_reference("qwen3_5_text"), tmp_path_factory.mktemp("src") / "tiny-qwen")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch) -> Path:
+    """An empty library and an empty Hugging Face cache, offline."""
+    monkeypatch.setenv(library.DATA_DIR_ENV, str(tmp_path / "data"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path
+
+
+def cache_repo(source: Path, repo_id: str) -> Path:
+    """`source` as a downloaded snapshot of `repo_id` in the Hugging Face cache."""
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def names(where: str | None = None) -> list[str]:
+    return [m.name for m in library.local_models() if where is None or m.where == where]
+
+
+def test_local_models_finds_library_cache_and_demo(env, hf_model):
+    models = library.models_dir()
+    shutil.copytree(hf_model, models / "tiny-4bit")
+    (models / "tiny-Q4_K_M.gguf").write_bytes(b"GGUF")
+    shutil.copytree(hf_model, models / ".tiny-8bit.partial-1234")  # a conversion in progress
+    (models / "notes").mkdir()  # not a model
+    broken = shutil.copytree(hf_model, models / "broken")
+    (broken / "model.safetensors").unlink()  # weights missing: not listed
+    cache_repo(hf_model, "Qwen/Tiny")
+    config_only = Path(constants.HF_HUB_CACHE) / "models--Qwen--Big" / "snapshots" / COMMIT
+    config_only.mkdir(parents=True)
+    shutil.copy(hf_model / "config.json", config_only)  # what a memory check leaves: not a model
+
+    found = {m.name: m for m in library.local_models()}
+    assert names("library") == ["tiny-4bit", "tiny-Q4_K_M.gguf"]
+    assert names("hf-cache") == ["Qwen/Tiny"]
+    assert found["tiny-4bit"].format == "mlx" and found["tiny-4bit"].weights == "fp32"
+    assert found["tiny-Q4_K_M.gguf"].format == "gguf" and found["tiny-Q4_K_M.gguf"].weights == "Q4_K_M"
+    assert found["Qwen/Tiny"].repo_id == "Qwen/Tiny" and found["Qwen/Tiny"].size_bytes > 0
+    assert {"mlxqwen-demo", "mlxqwen-demo-gguf"} <= set(found)
+    assert library.default_model().where == "library"
+
+
+def test_default_model_is_the_demo_on_a_fresh_machine(env):
+    model = library.default_model()
+    assert model.where == "demo" and model.format == "mlx"
+    assert (model.path / "config.json").is_file()
+
+
+def test_find_model_suggests_close_names(env, hf_model):
+    shutil.copytree(hf_model, library.models_dir() / "Qwen3-Tiny-4bit")
+    assert library.find_model("Qwen3-Tiny-4bit").where == "library"
+    with pytest.raises(library.ModelNotFoundError, match="did you mean Qwen3-Tiny-4bit"):
+        library.find_model("Qwen3-Tiny-4bits")
+
+
+def test_rm_removes_library_and_cache_models_but_not_the_demo(env, hf_model, capsys):
+    shutil.copytree(hf_model, library.models_dir() / "tiny-4bit")
+    cache_repo(hf_model, "Qwen/Tiny")
+    assert main(["rm", "tiny-4bit", "Qwen/Tiny", "-y"]) == 0
+    assert names("library") == [] and names("hf-cache") == []
+    assert not (library.models_dir() / "tiny-4bit").exists()
+    assert main(["rm", "mlxqwen-demo", "-y"]) == 1
+    assert "ships with mlxqwen" in capsys.readouterr().err
+    assert main(["rm", "nothing-here", "-y"]) == 1
+
+
+def test_rm_asks_before_removing(env, hf_model, monkeypatch, capsys):
+    shutil.copytree(hf_model, library.models_dir() / "tiny-4bit")
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert main(["rm", "tiny-4bit"]) == 1
+    assert "-y" in capsys.readouterr().err
+    assert names("library") == ["tiny-4bit"]
+
+
+def test_list_shows_every_model(env, hf_model, capsys):
+    cache_repo(hf_model, "Qwen/Tiny")
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for text in ("Qwen/Tiny", "Hugging Face cache", "mlxqwen-demo", "built in", "GGUF"):
+        assert text in out
+
+
+def test_pull_converts_a_cached_repo_into_the_library(env, hf_model, capsys):
+    cache_repo(hf_model, "Qwen/Tiny")
+    assert main(["pull", "Qwen/Tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "Tiny-4bit: converted" in out and "fits" in out
+    model = library.find_model("Tiny-4bit")
+    assert model.where == "library" and model.weights == "4-bit"
+    assert pull("Qwen/Tiny").action == "already in the library"
+
+
+def test_pull_a_local_directory(env, hf_model):
+    pulled = pull(str(hf_model), recipe="8bit")
+    assert pulled.action == "converted" and pulled.path == library.models_dir() / "tiny-qwen-8bit"
+    assert library.find_model("tiny-qwen-8bit").weights == "8-bit"
+
+
+def test_pull_offline_says_what_to_do(env, capsys):
+    assert main(["pull", "Qwen/Qwen3.6-27B"]) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "demo model" in err
+    assert not library.models_dir().exists()
+
+
+def test_pull_refuses_a_model_that_will_not_fit_before_downloading(env, hf_model, monkeypatch):
+    snapshot = cache_repo(hf_model, "Qwen/Tiny")
+    (snapshot / "model.safetensors").unlink()  # only config.json is needed to refuse
+    monkeypatch.setattr(memory, "memory_budget", lambda: 2**20)
+    with pytest.raises(PullError, match="does not fit.*--force"):
+        pull("Qwen/Tiny")
+    assert not library.models_dir().exists()
+
+
+def test_converted_size_model_matches_the_converted_model(env, hf_model):
+    from mlxqwen.config import parse_config
+    from mlxqwen.loader import load_model
+    from mlxqwen.pull import converted_size_model
+    from mlxqwen.tokenizer import read_json
+
+    cfg = parse_config(read_json(hf_model / "config.json"))
+    predicted = memory.weight_bytes(converted_size_model(cfg, "4bit"))
+    pulled = pull(str(hf_model))
+    model, _ = load_model(pulled.path, lazy=True)
+    assert predicted == memory.weight_bytes(model)
+
+
+def test_pull_rejects_an_unknown_recipe(env, hf_model):
+    with pytest.raises(PullError, match="--recipe 5bits: unknown recipe"):
+        pull(str(hf_model), recipe="5bits")
+
+
+def test_pull_uses_an_mlx_repo_as_published(env, hf_model, tmp_path):
+    from mlxqwen.convert import convert
+
+    mlx_model = convert(hf_model, tmp_path / "Tiny-4bit", recipe="4bit", progress=None).output
+    snapshot = cache_repo(mlx_model, "mlx-community/Tiny-4bit")
+    pulled = pull("mlx-community/Tiny-4bit")
+    assert (pulled.action, pulled.path, pulled.name) == ("downloaded", snapshot, "mlx-community/Tiny-4bit")
+    assert library.find_model("mlx-community/Tiny-4bit").weights == "4-bit"
+    assert not library.models_dir().exists()
