@@ -148,13 +148,17 @@ def local_models() -> list[LocalModel]:
 
 def default_model() -> LocalModel:
     """The model to open when none is named: the newest in the library, else the newest Qwen
-    checkpoint in the Hugging Face cache, else the demo model."""
+    checkpoint in the Hugging Face cache, else the demo model (its GGUF form where llama.cpp
+    is the faster runtime: off Apple Silicon, when llama-cpp-python is installed)."""
+    from .backends import apple_silicon, llama_cpp_installed
+
     models = local_models()
     for where in ("library", "hf-cache"):
         found = [m for m in models if m.where == where]
         if found:
             return max(found, key=lambda m: m.modified)
-    demos = [m for m in models if m.where == "demo" and m.format == "mlx"]
+    form = "gguf" if not apple_silicon() and llama_cpp_installed() else "mlx"
+    demos = sorted((m for m in models if m.where == "demo"), key=lambda m: m.format != form)
     if not demos:
         raise ModelNotFoundError("no model on this machine; run mlxqwen pull Qwen/Qwen3.6-27B")
     return demos[0]

@@ -1,6 +1,7 @@
-"""The shipped demo model end to end: it stays within its size budget, loads through
-`mlxqwen.load` and chats (thinking and answer parsed, two turns), carries Qwen3.5's MTP
-head, and its GGUF form runs in llama.cpp with the same tokens and answers."""
+"""The shipped demo model end to end: it stays within its size budget; both forms load through
+`mlxqwen.load` (MLX 4-bit on MLX, GGUF on llama.cpp) and chat (thinking and answer parsed,
+two turns); the MLX form carries Qwen3.5's MTP head; the GGUF gives the same tokens and reply
+in llama-cpp-python's own API."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from mlxqwen import load
 from mlxqwen.demo import DEMO_DIR, data, model_path
-from mlxqwen.demo.evaluate import accuracy, gguf_answers, mlx_answers, split_reply
+from mlxqwen.demo.evaluate import accuracy, engine_answers, split_reply
 from mlxqwen.tokenizer import Tokenizer
 
 QUESTION = "What is 37 + 48?"
@@ -23,10 +24,15 @@ def test_shipped_files_stay_under_40_mb():
     assert not (DEMO_DIR / "model-mlx-4bit" / "README.md").exists()
 
 
-def test_mlx_form_chats_with_thinking():
-    llm = load(model_path("mlx"))
-    assert llm.config.model_type == "qwen3_5" and llm.config.quantization["bits"] == 4
-    chat = llm.chat(temperature=0.0, max_tokens=120)
+@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
+def test_shipped_forms_chat_with_thinking(form, backend):
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    llm = load(model_path(form), backend=backend)
+    assert llm.defaults.temperature == 0.0  # the shipped generation_config: greedy
+    if form == "mlx":
+        assert llm.config.model_type == "qwen3_5" and llm.config.quantization["bits"] == 4
+    chat = llm.chat(max_tokens=120)
     done = chat.send(QUESTION)
     assert (done.thinking.strip(), done.text) == (THINKING, "37 + 48 = 85.")
     assert done.finish_reason == "stop"
@@ -34,8 +40,7 @@ def test_mlx_form_chats_with_thinking():
     assert done.text == "The capital of Peru is Lima."
     assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
     assert chat.history[1]["reasoning_content"].strip() == THINKING
-    done = llm.chat(temperature=0.0, max_tokens=120).send("Write a poem about the sea.")
-    assert done.text == data.OUT_OF_SCOPE
+    assert llm.chat(max_tokens=120).send("Write a poem about the sea.").text == data.OUT_OF_SCOPE
 
 
 def test_mlx_form_keeps_the_mtp_head():
@@ -45,7 +50,9 @@ def test_mlx_form_keeps_the_mtp_head():
     assert "mtp.layers.0.self_attn.q_proj.weight" in mtp
 
 
-def test_gguf_form_runs_in_llama_cpp():
+def test_gguf_form_runs_in_llama_cpp_itself():
+    """Independent of our backend: llama-cpp-python's own API tokenizes as our tokenizer does
+    and gives the same reply."""
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(model_path("gguf")), n_ctx=512, verbose=False)
     assert llm.metadata["general.architecture"] == "qwen35"
@@ -57,11 +64,10 @@ def test_gguf_form_runs_in_llama_cpp():
     assert split_reply(out["choices"][0]["text"]) == (THINKING, "37 + 48 = 85.")
 
 
-@pytest.mark.parametrize("form", ["mlx", "gguf"])
-def test_shipped_forms_answer_held_out_questions(form):
+@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
+def test_shipped_forms_answer_held_out_questions(form, backend):
     """A sample of the evaluation (python -m mlxqwen.demo.evaluate --shipped runs all of it)."""
-    if form == "gguf":
+    if backend == "llama.cpp":
         pytest.importorskip("llama_cpp")
-    answer = mlx_answers(model_path("mlx")) if form == "mlx" else gguf_answers(model_path("gguf"))
-    scores = accuracy(answer, data.test_set(6))
+    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6))
     assert scores["all"] >= 90, scores

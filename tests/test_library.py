@@ -69,10 +69,17 @@ def test_local_models_finds_library_cache_and_demo(env, hf_model):
     assert library.default_model().where == "library"
 
 
-def test_default_model_is_the_demo_on_a_fresh_machine(env):
+def test_default_model_is_the_demo_on_a_fresh_machine(env, monkeypatch):
+    from mlxqwen import backends
+
+    monkeypatch.setattr(backends, "apple_silicon", lambda: True)
     model = library.default_model()
     assert model.where == "demo" and model.format == "mlx"
     assert (model.path / "config.json").is_file()
+    monkeypatch.setattr(backends, "apple_silicon", lambda: False)
+    monkeypatch.setattr(backends, "llama_cpp_installed", lambda: True)
+    model = library.default_model()  # off Apple Silicon llama.cpp runs it faster
+    assert model.format == "gguf" and model.path.suffix == ".gguf"
 
 
 def test_find_model_suggests_close_names(env, hf_model):

@@ -2,8 +2,8 @@
 
 Each form answers the same held-out questions (`data.test_set`), greedily, thinking on; an
 answer counts when it is exactly the expected one. The full-precision model runs in
-transformers (the reference), the MLX 4-bit form through `mlxqwen.load` and its chat engine,
-the GGUF form in llama.cpp (llama-cpp-python). Exit status 1 when the full-precision model is
+transformers (the reference); the shipped forms through `mlxqwen.load` and its engine, the
+MLX 4-bit form on MLX, the GGUF form on llama.cpp. Exit status 1 when the full-precision model is
 under 90 % or a shipped form more than 5 points below it."""
 
 from __future__ import annotations
@@ -64,37 +64,19 @@ def transformers_answers(hf_dir: Path) -> Answerer:
     return answer
 
 
-def mlx_answers(path: Path) -> Answerer:
+def engine_answers(path: Path, backend: str) -> Answerer:
+    """The shipped form through `mlxqwen.load` on `backend` ("mlx" or "llama.cpp") and the
+    engine, which parses thinking and answer."""
     from mlxqwen import load
     from mlxqwen.generate import last
 
-    llm = load(path)
+    llm = load(path, backend=backend, max_context=1024)
 
     def answer(questions: list[str]) -> list[tuple[str, str]]:
         replies = []
         for q in questions:
             done = last(llm.stream(q, temperature=0.0, max_tokens=MAX_TOKENS))
             replies.append((done.thinking.strip(), done.text.strip()))
-        return replies
-
-    return answer
-
-
-def gguf_answers(path: Path) -> Answerer:
-    from llama_cpp import Llama
-
-    from mlxqwen.tokenizer import Tokenizer
-
-    llm = Llama(model_path=str(path), n_ctx=512, verbose=False)
-    template = Tokenizer.from_dir(model_path("mlx")).chat_template  # the same template the GGUF holds
-
-    def answer(questions: list[str]) -> list[tuple[str, str]]:
-        replies = []
-        for q in questions:
-            llm.reset()
-            prompt = template.render([{"role": "user", "content": q}])
-            out = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0.0)
-            replies.append(split_reply(out["choices"][0]["text"]))
         return replies
 
     return answer
@@ -152,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "full precision (transformers)": lambda: transformers_answers(args.hf_dir)
     }
     if args.shipped:
-        forms["MLX 4-bit (mlxqwen)"] = lambda: mlx_answers(model_path("mlx"))
-        forms[f"GGUF {GGUF_QUANT} (llama.cpp)"] = lambda: gguf_answers(model_path("gguf"))
+        forms["MLX 4-bit (MLX)"] = lambda: engine_answers(model_path("mlx"), "mlx")
+        forms[f"GGUF {GGUF_QUANT} (llama.cpp)"] = lambda: engine_answers(model_path("gguf"), "llama.cpp")
     results = {}
     for name, make in forms.items():
         with console.status(f"evaluating {name} on {len(examples)} held-out questions"):

@@ -301,6 +301,8 @@ def ship(hf_dir: Path, console: Console) -> None:
     mlx = convert(hf_dir, DEMO_DIR / "model-mlx-4bit", recipe="4bit", dtype="bfloat16", force=True)
     (DEMO_DIR / "model-mlx-4bit" / "README.md").unlink(missing_ok=True)  # the card would name the build path
     gguf = convert_to_gguf(hf_dir, DEMO_DIR / "model.gguf", GGUF_QUANT, force=True)
+    # llama.cpp backend reads the recommended sampling (greedy) from beside the GGUF
+    shutil.copy(hf_dir / "generation_config.json", DEMO_DIR / "generation_config.json")
     console.print(
         f"shipped: {mlx.output.name} {_size(mlx.output) / 1e6:.1f} MB, {gguf.name} {gguf.stat().st_size / 1e6:.1f} MB"
     )
