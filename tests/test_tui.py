@@ -484,7 +484,7 @@ async def test_without_any_model_the_picker_says_what_to_do(store_path):
     app = ChatApp(store=ChatStore(store_path))
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: isinstance(app.screen, ModelPicker))
-        hint = app.screen.query_one("#picker-hint")
+        hint = app.screen.hint
         await until(pilot, lambda: "No local model found" in str(hint.render()))
         assert "mlxqwen pull" in str(hint.render())
         await pilot.press("escape")

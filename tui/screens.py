@@ -49,15 +49,18 @@ class ModelPicker(ModalScreen[Path | None]):
         self.current = current
         self.estimate = estimate
         self.models: list[LocalModel] = []
+        # Held here: the model search may finish before or after the children are mounted.
+        self.table = DataTable(cursor_type="row", zebra_stripes=True)
+        self.hint = Static("Looking for models…", id="picker-hint", classes="hint")
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("Choose a model", classes="title")
-            yield DataTable(cursor_type="row", zebra_stripes=True)
-            yield Static("Looking for models…", id="picker-hint", classes="hint")
+            yield self.table
+            yield self.hint
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.table
         table.add_column("Model", key="name")
         table.add_column("Format", key="format")
         table.add_column("Weights", key="weights")
@@ -73,7 +76,7 @@ class ModelPicker(ModalScreen[Path | None]):
 
     def show_models(self, models: list[LocalModel]) -> None:
         self.models = models
-        table = self.query_one(DataTable)
+        table = self.table
         for m in models:
             mark = "● " if self.current is not None and m.path.resolve() == self.current.resolve() else ""
             table.add_row(
@@ -85,7 +88,7 @@ class ModelPicker(ModalScreen[Path | None]):
                 _WHERE.get(m.where, m.where),
                 key=str(m.path),
             )
-        hint = self.query_one("#picker-hint", Static)
+        hint = self.hint
         if models:
             hint.update("Enter opens the model · Esc closes · /model PATH opens any other")
             self.estimate_all()
@@ -98,7 +101,7 @@ class ModelPicker(ModalScreen[Path | None]):
 
     @work(exclusive=True, group="estimate")
     async def estimate_all(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.table
         for m in self.models:
             if m.format != "mlx":
                 continue
