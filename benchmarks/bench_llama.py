@@ -33,7 +33,10 @@ from common import print_table, qwen3_5_config, write_quantized_checkpoint
 from mlxqwen.convert.gguf import convert_to_gguf
 
 import mlxqwen
-from mlxqwen.llama_cpp_backend import default_threads
+from mlxqwen.llama_cpp_backend import default_threads, model_params
+
+# llama-cpp-python's `Llama` loads with the same model parameters as the backend (see `model_params`)
+llama_cpp.llama_cpp.llama_model_default_params = model_params
 
 TOKENIZER = Path(__file__).parent.parent / "tests" / "fixtures" / "qwen3-tokenizer"
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex the jovial bumpkin".split()

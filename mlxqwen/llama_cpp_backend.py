@@ -363,7 +363,7 @@ def load(
     if magic != b"GGUF":
         raise ModelLoadError(f"{path}: not a GGUF file")
     _errors.clear()
-    model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+    model = llama.llama_model_load_from_file(str(path).encode(), model_params())
     if not model:
         raise ModelLoadError(f"{path}: llama.cpp cannot load this model ({_reason()})")
     try:
@@ -377,6 +377,14 @@ def load(
         llama.llama_model_free(model)
         raise ModelLoadError(f"{path}: llama.cpp could not make a context of {context} tokens ({_reason()})")
     return LlamaCpp(path, model, ctx, context, PREFILL_CHUNK)
+
+
+def model_params() -> Any:
+    params = llama.llama_model_default_params()
+    # ggml's AMX matmul (built in on CPUs that have AMX) crashes on some quantized models (the
+    # demo's Q4_K_M among them); extra buffer types are where it comes in, so skip them there.
+    params.use_extra_bufts = b"AMX_INT8 = 1" not in llama.llama_print_system_info()
+    return params
 
 
 def default_threads() -> int:
