@@ -23,7 +23,7 @@ from common import print_table, qwen3_5_config, write_quantized_checkpoint
 from mlx.utils import tree_map
 
 import mlxqwen
-from mlxqwen.parsing import TextDelta, ThinkingDelta
+from mlxqwen.events import TextDelta, ThinkingDelta
 
 TOKENIZER = Path(__file__).parent.parent / "tests" / "fixtures" / "qwen3-tokenizer"
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex the jovial bumpkin".split()
@@ -108,7 +108,7 @@ def main() -> None:
         rows = []
         for turn in range(1, args.turns + 1):
             message = user_message(turn, args.words)
-            done = mlxqwen.generate.last(chat.stream(message))
+            done = mlxqwen.engine.last(chat.stream(message))
             full = messages + [{"role": "user", "content": message}]
             restart = mlxqwen_run(llm.stream(full, think=False, temperature=0, max_tokens=args.reply))
             full_prompt = llm.tokenizer.encode(llm.prompt_text(full, think=False))

@@ -33,7 +33,7 @@ from common import print_table, qwen3_5_config, write_quantized_checkpoint
 from mlxqwen.convert.gguf import convert_to_gguf
 
 import mlxqwen
-from mlxqwen.llama_cpp_backend import default_threads, model_params
+from mlxqwen.backends.llama_cpp import default_threads, model_params
 
 # llama-cpp-python's `Llama` loads with the same model parameters as the backend (see `model_params`)
 llama_cpp.llama_cpp.llama_model_default_params = model_params
@@ -131,7 +131,7 @@ def engine_decode(llm, prompt: str, n: int, sampling: dict) -> list[float]:
 
     llm.forward = timed
     try:
-        mlxqwen.generate.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
+        mlxqwen.engine.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
     finally:
         del llm.forward
     return list(np.diff(stamps[1:]))  # the first forward follows the prompt

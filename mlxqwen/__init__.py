@@ -1,10 +1,11 @@
 """mlxqwen: fast local Qwen models on MLX."""
 
+from .backends import load
+from .backends.mlx import LLM
 from .config import ModelConfig, parse_config
-from .errors import ModelLoadError
-from .generate import ContextLimitError, Done, GenerationOptions, PrefillProgress, Stats
-from .llm import LLM, InsufficientMemoryError, load
-from .parsing import TextDelta, ThinkingDelta, ToolCall
+from .engine import GenerationOptions
+from .errors import ContextLimitError, InsufficientMemoryError, ModelLoadError
+from .events import Done, PrefillProgress, Stats, TextDelta, ThinkingDelta, ToolCall
 from .session import ChatSession
 
 __version__ = "0.1.0"

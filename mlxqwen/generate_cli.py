@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .backends import BACKENDS
-from .errors import ModelLoadError
-from .generate import ContextLimitError, Done, PrefillProgress
-from .parsing import TextDelta, ThinkingDelta, ToolCall
+from .errors import ContextLimitError, ModelLoadError
+from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
 GiB = 1024**3
 
@@ -52,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .llm import load
+    from .backends import load
 
     err = Console(stderr=True)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -13,37 +13,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from .events import TextDelta, ThinkingDelta, ToolCall
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-
-
-@dataclass(frozen=True)
-class ThinkingDelta:
-    """A piece of the model's reasoning."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """A piece of the answer."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A parsed tool call; `arguments` maps parameter names to JSON values."""
-
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
-
-    def to_message(self) -> dict[str, Any]:
-        """The call as an entry of an assistant message's `tool_calls` (OpenAI / chat template form)."""
-        return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*)</function>", re.S)
@@ -128,7 +103,7 @@ class _Trimmed:
         return body
 
 
-Event = ThinkingDelta | TextDelta | ToolCall
+ParsedEvent = ThinkingDelta | TextDelta | ToolCall
 
 
 class OutputParser:
@@ -144,7 +119,7 @@ class OutputParser:
         self.segment = _Trimmed()
         self.answered = False  # once the answer has begun, "<think>" in it is plain text
 
-    def _emit(self, text: str, events: list[Event]) -> None:
+    def _emit(self, text: str, events: list[ParsedEvent]) -> None:
         text = self.segment.push(text)
         if text:
             events.append(ThinkingDelta(text) if self.state == "think" else TextDelta(text))
@@ -152,9 +127,9 @@ class OutputParser:
     def _switch(self, state: str) -> None:
         self.state, self.segment = state, _Trimmed()
 
-    def feed(self, text: str) -> list[Event]:
+    def feed(self, text: str) -> list[ParsedEvent]:
         self.buffer += text
-        events: list[Event] = []
+        events: list[ParsedEvent] = []
         while True:
             if self.state == "call":
                 end = self.buffer.find(CALL_CLOSE)
@@ -186,9 +161,9 @@ class OutputParser:
             self.buffer = self.buffer[i + len(tag) :]
             self._switch("text" if tag == THINK_CLOSE else "call")
 
-    def finish(self) -> list[Event]:
+    def finish(self) -> list[ParsedEvent]:
         """End of output: what is held back comes out; an unterminated tool call comes back as text."""
-        events: list[Event] = []
+        events: list[ParsedEvent] = []
         if self.state == "call":
             events.append(TextDelta(CALL_OPEN + self.buffer))
         else:

@@ -28,19 +28,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .generate import (
+from .engine import (
     Backend,
-    Done,
-    Event,
     GenerationOptions,
     Message,
     TokenCache,
-    assistant_message,
     generate_events,
     last,
     thinking_vars,
 )
-from .parsing import TextDelta, ThinkingDelta, ToolCall, opens_thinking
+from .events import Done, Event, TextDelta, ThinkingDelta, ToolCall, assistant_message
+from .parsing import opens_thinking
 
 _MARKER = "\u2063MLXQWEN-TURN-END\u2063"
 

@@ -9,7 +9,7 @@ mx.random.seed(0)
 try:  # llama-cpp-python's own `Llama` (a reference in tests) loads with mlxqwen's model parameters
     import llama_cpp.llama_cpp
 
-    from mlxqwen.llama_cpp_backend import model_params
+    from mlxqwen.backends.llama_cpp import model_params
 
     llama_cpp.llama_cpp.llama_model_default_params = model_params
 except ImportError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxqwen.generate import Backend, GenerationOptions
+from mlxqwen.engine import Backend, GenerationOptions
 from mlxqwen.tokenizer import Tokenizer
 
 

@@ -48,7 +48,7 @@ def tokens_of(done: Done) -> list[int]:
 
 
 def run(llm, prompt=PROMPT, **kwargs) -> Done:
-    return mlxqwen.generate.last(llm.stream(prompt, raw=True, logprobs=0, **kwargs))
+    return mlxqwen.engine.last(llm.stream(prompt, raw=True, logprobs=0, **kwargs))
 
 
 def test_greedy_equals_reference_loop(llm):
@@ -133,7 +133,7 @@ def test_cancel_from_another_thread(llm):
 
     cancel = threading.Event()
     cancel.set()
-    done = mlxqwen.generate.last(llm.stream(PROMPT, raw=True, cancel=cancel))
+    done = mlxqwen.engine.last(llm.stream(PROMPT, raw=True, cancel=cancel))
     assert (done.finish_reason, done.stats.generated_tokens) == ("cancelled", 0)
 
 
@@ -152,7 +152,7 @@ def test_chat_template_prompt(llm):
     text = llm.prompt_text("hi", system="Be brief.", think=False)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>")
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    done = mlxqwen.generate.last(llm.stream("hi", system="Be brief.", temperature=0, max_tokens=4, think=False))
+    done = mlxqwen.engine.last(llm.stream("hi", system="Be brief.", temperature=0, max_tokens=4, think=False))
     assert done.stats.prompt_tokens == len(llm.tokenizer.encode(text))
 
 

@@ -16,7 +16,7 @@ from checkpoints import build_reference, save_checkpoint
 
 import mlxqwen
 from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta
-from mlxqwen.generate import last
+from mlxqwen.engine import last
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
@@ -28,7 +28,8 @@ from mlxqwen.tui.store import ChatSettings, ChatStore  # noqa: E402
 from test_gguf import _LINEAR, QUANT_CASES, VOCAB, min_cosine, rel_err  # noqa: E402
 from test_tui import SIZE, answered, anyio_backend, conversation, isolated, ready, send  # noqa: E402,F401
 
-from mlxqwen import backends, llama_cpp_backend  # noqa: E402
+from mlxqwen import backends  # noqa: E402
+from mlxqwen.backends import llama_cpp as llama_cpp_backend  # noqa: E402
 
 ARCHS = {
     "qwen2": {},

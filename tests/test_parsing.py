@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from checkpoints import TOKENIZER_DIR
 
-from mlxqwen.parsing import OutputParser, TextDelta, ThinkingDelta, ToolCall, opens_thinking, parse_tool_call
+from mlxqwen.events import TextDelta, ThinkingDelta, ToolCall
+from mlxqwen.parsing import OutputParser, opens_thinking, parse_tool_call
 from mlxqwen.tokenizer import Tokenizer
 
 TOOLS = [

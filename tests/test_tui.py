@@ -28,7 +28,7 @@ from mlxqwen.tui.widgets import AssistantMessage, ChatInput, ChatMarkdown, Copya
 import mlxqwen.demo
 import mlxqwen.memory
 from mlxqwen import GenerationOptions
-from mlxqwen.generate import Backend
+from mlxqwen.engine import Backend
 from mlxqwen.tokenizer import Tokenizer
 
 GiB = 1024**3

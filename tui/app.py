@@ -25,7 +25,7 @@ from textual.widgets import Footer, Header, Static
 
 import mlxqwen
 from mlxqwen import ChatSession, Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
-from mlxqwen.generate import assistant_message
+from mlxqwen.events import assistant_message
 from mlxqwen.library import ModelNotFoundError, data_dir, default_model, find_model
 
 from .engine import EngineThread

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .parsing import Event as ParsedEvent
-from .parsing import OutputParser, TextDelta, ThinkingDelta, ToolCall, held_back, opens_thinking
+from .errors import ContextLimitError
+from .events import Done, Event, PrefillProgress, Stats, TextDelta, ThinkingDelta, TokenLogprob, ToolCall
+from .parsing import OutputParser, ParsedEvent, held_back, opens_thinking
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -35,10 +36,6 @@ _STREAM = mx.new_thread_local_stream(mx.default_device())
 
 Message = Mapping[str, Any]
 Prompt = str | Sequence[Message]
-
-
-class ContextLimitError(ValueError):
-    """The conversation would not fit in the model's maximum context."""
 
 
 @dataclass(frozen=True)
@@ -60,72 +57,6 @@ class GenerationOptions(SamplingParams):
             raise ValueError(f"max_tokens={self.max_tokens!r} must be at least 1")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs={self.logprobs!r} must be 0 or more")
-
-
-@dataclass(frozen=True)
-class PrefillProgress:
-    """Prompt tokens processed so far (sent between prefill chunks of a long prompt)."""
-
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Stats:
-    """prompt_tokens: fed to the model by this call; cached_tokens: reused from the cache.
-    ttft: seconds to the first token; peak_memory: bytes (`Backend.peak_memory`).
-    finish_reason: "stop" (EOS or stop string), "tool_calls", "length" or "cancelled"."""
-
-    prompt_tokens: int
-    cached_tokens: int
-    prompt_tps: float
-    generated_tokens: int
-    generation_tps: float
-    ttft: float
-    peak_memory: int
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-def assistant_message(text: str, thinking: str, tool_calls: Sequence[ToolCall]) -> dict[str, Any]:
-    """A reply in chat-template form: `reasoning_content` and `tool_calls` when present."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if thinking:
-        message["reasoning_content"] = thinking
-    if tool_calls:
-        message["tool_calls"] = [call.to_message() for call in tool_calls]
-    return message
-
-
-@dataclass(frozen=True)
-class Done:
-    """The last event of a generation: the whole reply and its stats."""
-
-    text: str
-    thinking: str
-    tool_calls: tuple[ToolCall, ...]
-    stats: Stats
-    logprobs: tuple[TokenLogprob, ...] | None = None
-
-    @property
-    def finish_reason(self) -> str:
-        return self.stats.finish_reason
-
-    def to_message(self) -> dict[str, Any]:
-        """The reply as an assistant message for a chat history."""
-        return assistant_message(self.text, self.thinking, self.tool_calls)
-
-    def __str__(self) -> str:
-        return self.text
-
-
-Event = ThinkingDelta | TextDelta | ToolCall | PrefillProgress | Done
 
 
 class Backend(ABC):

@@ -12,16 +12,22 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import platform
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
+import mlx.core as mx
+
+from ..engine import Backend
+from ..errors import ModelLoadError
 
 BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
+
+logger = logging.getLogger("mlxqwen")
 
 # the parts after the first of a split model (llama.cpp opens the first and finds the rest)
 _LATER_SPLIT = re.compile(r"-(?!00001-)\d{5}-of-\d{5}\.gguf$")
@@ -91,3 +97,43 @@ def choose(path: Path, backend: str = "auto") -> Choice:
 
 def _mlx_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def load(
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    *,
+    backend: str = "auto",
+    max_context: int | None = None,
+    kv_bits: int | None = None,
+    check_memory: bool = True,
+) -> Backend:
+    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
+
+    backend: "mlx", "llama.cpp", or "auto": MLX on Apple Silicon, elsewhere llama.cpp for a
+        model with GGUF weights (see `mlxqwen.backends`); `llm.name` says which runs.
+    dtype: compute dtype of unquantized weights (default: bf16 on a GPU, fp32 on a CPU); on
+        llama.cpp, the K/V cache's type (default float16).
+    lazy: leave weights memory-mapped until first use instead of reading them now (llama.cpp
+        always maps them).
+    max_context: longest conversation in tokens (default: the longest that fits in memory,
+        at most the model's own; on llama.cpp, which allocates it up front, at most 32,768).
+    kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
+    check_memory: refuse, before reading any weight, a model and context that would not fit
+        in this machine's memory (see `mlxqwen.memory`).
+    """
+    choice = choose(Path(path).expanduser(), backend)
+    if choice.note:
+        logger.warning(choice.note)
+    if choice.backend == "llama.cpp":
+        from . import llama_cpp
+
+        return llama_cpp.load(
+            choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+        )
+    from . import mlx
+
+    return mlx.load(
+        choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+    )

@@ -35,12 +35,12 @@ import llama_cpp as llama
 import mlx.core as mx
 import numpy as np
 
-from . import memory
-from .chat_template import ChatTemplate
-from .errors import ModelLoadError
-from .generate import Backend, GenerationOptions
-from .sampling import recommended_sampling
-from .tokenizer import Tokenizer, read_json
+from .. import memory
+from ..chat_template import ChatTemplate
+from ..engine import Backend, GenerationOptions
+from ..errors import InsufficientMemoryError, ModelLoadError
+from ..sampling import recommended_sampling
+from ..tokenizer import Tokenizer, read_json
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest
@@ -315,8 +315,6 @@ def _estimate(model: Any, context: int, kv_type: int) -> memory.MemoryEstimate:
 def _context(model: Any, path: Path, max_context: int | None, kv_type: int, check_memory: bool) -> int:
     """The context to allocate: `max_context`, checked; by default the model's own, at most
     DEFAULT_CONTEXT, and no more than fits in memory."""
-    from .llm import InsufficientMemoryError
-
     trained = llama.llama_model_n_ctx_train(model)
     if max_context is not None:
         plan = _estimate(model, max_context, kv_type)

@@ -1,12 +1,8 @@
-"""`mlxqwen.load`, and `LLM`, the MLX backend: an MLX model with its tokenizer and config,
-which generates through the engine (`generate`, `stream`, `chat`, see
-`mlxqwen.generate.Backend`). The model and its cache stay usable directly:
-`llm.model(tokens, cache=llm.new_cache())`. GGUF models load into llama.cpp instead
-(`mlxqwen.llama_cpp_backend`); `mlxqwen.backends` says which runs what."""
+"""The MLX backend: an MLX model with its tokenizer and config. The model and its cache stay
+usable directly: `llm.model(tokens, cache=llm.new_cache())`."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,21 +10,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import memory
-from .backends import choose
-from .cache import KVCache, QuantizedKVCache
-from .config import ModelConfig
-from .errors import ModelLoadError
-from .generate import Backend, GenerationOptions
-from .loader import default_dtype, load_model
-from .sampling import recommended_sampling
-from .tokenizer import Tokenizer, read_json
-
-logger = logging.getLogger("mlxqwen")
-
-
-class InsufficientMemoryError(ModelLoadError):
-    """The model, at the context asked for, would not fit in this machine's memory."""
+from .. import memory
+from ..cache import KVCache, QuantizedKVCache
+from ..config import ModelConfig
+from ..engine import Backend, GenerationOptions
+from ..errors import InsufficientMemoryError
+from ..loader import default_dtype, load_model
+from ..sampling import recommended_sampling
+from ..tokenizer import Tokenizer, read_json
 
 
 @dataclass
@@ -82,39 +71,15 @@ class LLM(Backend):
 
 
 def load(
-    path: str | Path,
+    path: Path,
+    *,
     dtype: mx.Dtype | None = None,
     lazy: bool = False,
-    *,
-    backend: str = "auto",
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
-) -> Backend:
-    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
-
-    backend: "mlx", "llama.cpp", or "auto": MLX on Apple Silicon, elsewhere llama.cpp for a
-        model with GGUF weights (see `mlxqwen.backends`); `llm.name` says which runs.
-    dtype: compute dtype of unquantized weights (default: bf16 on a GPU, fp32 on a CPU); on
-        llama.cpp, the K/V cache's type (default float16).
-    lazy: leave weights memory-mapped until first use instead of reading them now (llama.cpp
-        always maps them).
-    max_context: longest conversation in tokens (default: the longest that fits in memory,
-        at most the model's own; on llama.cpp, which allocates it up front, at most 32,768).
-    kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
-    check_memory: refuse, before reading any weight, a model and context that would not fit
-        in this machine's memory (see `mlxqwen.memory`).
-    """
-    choice = choose(Path(path).expanduser(), backend)
-    if choice.note:
-        logger.warning(choice.note)
-    if choice.backend == "llama.cpp":
-        from . import llama_cpp_backend
-
-        return llama_cpp_backend.load(
-            choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-        )
-    path = choice.path
+) -> LLM:
+    """A model directory on MLX; see `mlxqwen.load`."""
     model, config = load_model(path, dtype=dtype, lazy=True)
     tokenizer = Tokenizer.from_dir(path)
     sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype or default_dtype(), kv_bits=kv_bits)
