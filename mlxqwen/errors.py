@@ -11,3 +11,7 @@ class InsufficientMemoryError(ModelLoadError):
 
 class ContextLimitError(ValueError):
     """The conversation would not fit in the model's maximum context."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for the model: try again later."""
