@@ -129,6 +129,21 @@ def test_regenerate_and_edit_last_roll_back(llm, fed):
     check_against_scratch(llm, chat, "Fourth question")
 
 
+def test_regenerate_with_another_thinking_setting(llm, fed):
+    chat = llm.chat(temperature=0, max_tokens=REPLY)
+    chat.send("First question")
+    chat.send("Second question", think=True)
+    before = fed[0]
+    again = chat.regenerate(think=False)  # another generation prompt, after what it shares with the last
+    assert fed[0] - before == again.stats.prompt_tokens + REPLY and again.stats.prompt_tokens > 1
+    assert llm.tokenizer.decode(chat._tokens).count("<think>\n\n</think>") == 1
+    assert not again.thinking and chat.history[-1] == again.to_message() and len(chat.history) == 4
+    before = fed[0]
+    assert chat.regenerate(think=False).stats.prompt_tokens == 1  # the same setting: nothing read again
+    assert fed[0] - before == 1 + REPLY
+    check_against_scratch(llm, chat, "Third question")
+
+
 def test_cancel_keeps_the_session_consistent(llm, monkeypatch):
     chat = llm.chat(temperature=0)
     chat.send("Start", max_tokens=REPLY)
