@@ -11,3 +11,7 @@ class InsufficientMemoryError(ModelLoadError):
 
 class ContextLimitError(ValueError):
     """The conversation would not fit in the model's maximum context."""
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue of waiting requests is full; the request may be sent again later."""
