@@ -8,7 +8,6 @@ import errno
 import functools
 import inspect
 import ipaddress
-import logging
 import os
 import socket
 import sys
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import load
     from .library import ModelNotFoundError, find_model, model_at
-    from .server import ModelPool, create_app
+    from .server import ModelPool, create_app, log_to_stderr
     from .server.errors import APIError
     from .server.requests import duration
 
@@ -81,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("--max-concurrent and --max-queue need mlxqwen's batched engine, which this version lacks")
     loader = functools.partial(load, backend=args.backend, max_context=args.max_context, **engine)
 
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("mlxqwen.server").setLevel(logging.INFO)
+    log_to_stderr()
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:

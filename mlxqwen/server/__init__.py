@@ -7,7 +7,7 @@ on Starlette and uvicorn.
 `openai_api` and `anthropic_api` translate each dialect; `app` assembles them behind the
 safety layers (API key, body limit, CORS, request log)."""
 
-from .app import create_app
+from .app import create_app, log_to_stderr
 from .pool import ModelPool
 
-__all__ = ["ModelPool", "create_app"]
+__all__ = ["ModelPool", "create_app", "log_to_stderr"]

@@ -34,6 +34,12 @@ log = logging.getLogger("mlxqwen.server")
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
+def log_to_stderr() -> None:
+    """Show the server's log (one line per request, loads and unloads) on stderr."""
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+
 def error_response(path: str, e: APIError) -> JSONResponse:
     if path.startswith("/v1/messages"):
         body = anthropic_api.error_body(e)
