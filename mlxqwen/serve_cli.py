@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             return fail(
-                f"port {args.port} on {args.host} is taken (by Ollama or another server?); pick another with --port"
+                f"port {args.port} on {args.host} is taken (Ollama or another server?); choose one with --port N"
             )
         return fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     if not _loopback(args.host) and not args.api_key:

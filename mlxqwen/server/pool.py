@@ -133,10 +133,7 @@ class ModelPool:
             busy = ", ".join(self.resident)
             raise APIError(503, f"model {model.name} does not fit beside {busy}, which are busy; retry", "overloaded")
         start = time.perf_counter()
-        try:
-            llm = await asyncio.to_thread(self.load, model.path)
-        except MemoryError as e:
-            raise APIError(507, f"model {model.name}: {e}", "insufficient_memory") from None
+        llm = await asyncio.to_thread(self.load, model.path)  # InsufficientMemoryError: a 507 with what fits
         resident = Resident(model, llm, time.perf_counter() - start)
         self.resident[model.name] = resident
         log.info("loaded %s (%s) in %.1f s", model.name, llm.name, resident.load_seconds)
