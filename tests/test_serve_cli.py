@@ -236,3 +236,67 @@ def test_bounded_load(server, reference):
         assert left or answer in (reference[(model, q)], "503")
     time.sleep(1)
     assert rss() < baseline * 1.25 + 64 * 2**20
+
+
+# --- waiting on the batched engine (issue 10) --------------------------------------------------
+
+
+def _turn(dialect: str, client, model: str, history: list[dict]) -> tuple[str, int]:
+    """One stateless turn: the answer, and how many prompt tokens the server computed."""
+    if dialect == "ollama":
+        r = client.chat(model, history, think=False, options={"temperature": 0})
+        return r.message.content, r.prompt_eval_count
+    if dialect == "openai":
+        r = client.chat.completions.create(model=model, messages=history, temperature=0, reasoning_effort="none")
+        return r.choices[0].message.content, r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
+    r = client.messages.create(
+        model=model, max_tokens=200, thinking={"type": "disabled"}, messages=history, extra_body={"temperature": 0}
+    )
+    return r.content[-1].text, r.usage.input_tokens
+
+
+@pytest.mark.needs_engine
+@pytest.mark.parametrize("dialect", ["ollama", "openai", "anthropic"])
+def test_stateless_ten_turn_chat_computes_only_each_new_turn(server, dialect):
+    """Each turn resends the whole conversation; the prefix cache leaves only what is new since the
+    last turn's prompt to compute, and the answers are those of the Python API without any cache."""
+    model = "mlxqwen-demo-gguf"
+    client = {
+        "ollama": lambda: ollama.Client(host=server.url, headers={"x-api-key": KEY}),
+        "openai": lambda: openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0),
+        "anthropic": lambda: anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0),
+    }[dialect]()
+    llm = mlxqwen.load(demo.model_path("gguf"))
+    history: list[dict] = []
+    before = 0  # prompt tokens of the previous turn
+    for turn in range(10):
+        history.append({"role": "user", "content": f"What is {turn + 3} + {2 * turn}?"})
+        answer, computed = _turn(dialect, client, model, history)
+        assert answer == llm.generate(history, temperature=0, think=False)
+        prompt = len(llm.tokenizer.encode(llm.prompt_text(history, think=False)))
+        if turn:
+            assert computed <= prompt - before  # the last reply and the new question, never the history
+        history.append({"role": "assistant", "content": answer})
+        before = prompt
+
+
+@pytest.mark.needs_engine
+def test_a_full_queue_is_a_503_with_retry_after(home, env):
+    command = serve_command("mlxqwen-demo-gguf", "--max-concurrent", "1", "--max-queue", "1")
+    with running(command, home / "queue.log", env) as server:
+        body = {"model": "mlxqwen-demo-gguf", "prompt": "What is 12 + 30?", "stream": False}
+        with httpx.Client(timeout=120) as c:
+            results: list[httpx.Response] = []
+            threads = [
+                threading.Thread(target=lambda: results.append(c.post(f"{server.url}/api/generate", json=body)))
+                for _ in range(8)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+        refused = [r for r in results if r.status_code == 503]
+        assert refused and all(r.status_code in (200, 503) for r in results) and len(results) == 8
+        assert all(r.headers["Retry-After"] and "busy" in r.json()["error"] for r in refused)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "x", "messages": []})
+        assert r.status_code == 400
