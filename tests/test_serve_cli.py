@@ -112,6 +112,10 @@ def test_models_listed_pulled_and_deleted_only_in_the_library(server, home):
     headers = {"x-api-key": KEY}
     names = {m["name"] for m in httpx.get(f"{server.url}/api/tags", headers=headers).json()["models"]}
     assert {"tiny-4bit", "mlxqwen-demo", "mlxqwen-demo-gguf"} <= names
+    for name, arch in [("mlxqwen-demo", "qwen3_5"), ("mlxqwen-demo-gguf", "qwen35")]:
+        shown = ollama.Client(host=server.url, headers=headers).show(name)
+        assert shown.modelinfo["general.architecture"] == arch and "enable_thinking" in shown.template
+        assert {"completion", "tools", "thinking"} <= set(shown.capabilities)
     r = httpx.post(f"{server.url}/api/pull", json={"model": "Qwen/Qwen3-0.6B"}, headers=headers)
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert lines[0] == {"status": "pulling manifest"} and "HF_HUB_OFFLINE is set" in lines[-1]["error"]

@@ -375,3 +375,16 @@ def test_json_schema_is_enforced_in_every_dialect(ollama_client, openai_client):
     jsonschema.validate(json.loads(done.choices[0].message.content), SCHEMA)
     anything = ollama_client.generate(model="parrot", prompt="say: nope", format="json", think=False)
     assert isinstance(json.loads(anything.response), dict)
+
+
+def test_keep_alive_durations():
+    from mlxqwen.server.errors import APIError
+    from mlxqwen.server.requests import duration
+
+    cases = {"5m": 300, "1h30m": 5400, "0": 0, "90": 90, "2.5s": 2.5, "-1": None, "-5m": None, 30: 30, -1: None}
+    for value, seconds in cases.items():
+        assert duration(value, 7) == seconds
+    assert duration(None, 7) == 7
+    for bad in ("soon", "5 minutes", True, [1]):
+        with pytest.raises(APIError, match="keep_alive: .* is not a duration"):
+            duration(bad, 7)

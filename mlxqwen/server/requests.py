@@ -70,15 +70,15 @@ def sampling_overrides(values: Mapping[str, Any], prefix: str = "") -> dict[str,
 
 
 def duration(value: Any, default: float | None, name: str = "keep_alive") -> float | None:
-    """Seconds from an Ollama duration: a number of seconds or Go's form ("5m", "1h30m", "0");
+    """Seconds from an Ollama duration: a number of seconds ("30" too) or Go's form ("5m", "1h30m");
     negative means for ever (None), absent the default."""
     if value is None:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (text := value.strip().lstrip("-")):
-        if text == "0":
-            seconds = 0.0
+        if re.fullmatch(r"\d+(\.\d*)?", text):
+            seconds = float(text)
         elif "".join(m[0] for m in _DURATION.finditer(text)) == text:
             seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(text))
         else:
