@@ -131,7 +131,7 @@ def engine_decode(llm, prompt: str, n: int, sampling: dict) -> list[float]:
 
     llm.forward = timed
     try:
-        mlxqwen.engine.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
+        mlxqwen.llm.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
     finally:
         del llm.forward
     return list(np.diff(stamps[1:]))  # the first forward follows the prompt

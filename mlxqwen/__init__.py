@@ -1,11 +1,11 @@
 """mlxqwen: fast local Qwen models on MLX."""
 
 from .backends import load
-from .backends.mlx import LLM
 from .config import ModelConfig, parse_config
-from .engine import GenerationOptions
-from .errors import ContextLimitError, InsufficientMemoryError, ModelLoadError
+from .errors import ContextLimitError, InsufficientMemoryError, ModelLoadError, QueueFullError
 from .events import Done, PrefillProgress, Stats, TextDelta, ThinkingDelta, ToolCall
+from .llm import LLM
+from .sampling import GenerationOptions
 from .session import ChatSession
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "ModelConfig",
     "ModelLoadError",
     "PrefillProgress",
+    "QueueFullError",
     "Stats",
     "TextDelta",
     "ThinkingDelta",

@@ -14,4 +14,4 @@ class ContextLimitError(ValueError):
 
 
 class QueueFullError(RuntimeError):
-    """The engine's queue of waiting requests is full; the request may be sent again later."""
+    """Too many requests are waiting for the model: try again later."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import inspect
 import ipaddress
 import os
 import socket
@@ -30,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=11434, help="port (default 11434, Ollama's)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this key (or ${API_KEY_ENV})")
-    p.add_argument("--max-concurrent", type=int, help="sequences generated together per model")
-    p.add_argument("--max-queue", type=int, help="requests that may wait per model before a 503")
+    p.add_argument("--max-concurrent", type=int, help="sequences generated together per model (default 8)")
+    p.add_argument("--max-queue", type=int, help="requests that may wait per model before a 503 (default 64)")
     p.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded (default 5m; -1: always)")
     p.add_argument("--max-context", type=int, help="context per model in tokens (default: what fits in memory)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this web origin besides localhost's")
@@ -74,10 +73,6 @@ def run(args: argparse.Namespace) -> int:
     except (APIError, ModelNotFoundError) as e:
         return fail(str(e))
     engine = {k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v}
-    try:
-        inspect.signature(load).bind_partial(**engine)
-    except TypeError:
-        return fail("--max-concurrent and --max-queue need mlxqwen's batched engine, which this version lacks")
     loader = functools.partial(load, backend=args.backend, max_context=args.max_context, **engine)
 
     log_to_stderr()

@@ -12,68 +12,48 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from scripted import ScriptedRuntime, scripted_llm
 
 from mlxqwen.chat_template import ChatTemplate
-from mlxqwen.engine import Backend, GenerationOptions
+from mlxqwen.llm import LLM
 from mlxqwen.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _SAY = re.compile(r"say: (.*?)<\|im_end\|>", re.S)
 
 
-class _Tape:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.script: list[int] | None = None
-
-
-class Parrot(Backend):
+class Parrot(ScriptedRuntime):
     """Each reply is the text after the last "say: " of the prompt (up to its <|im_end|>), then EOS;
     to "say the prompt", it repeats what the template wrote after the last assistant header.
-    `delay`: seconds per generated token."""
+    `delay`: seconds per decoding step."""
 
     name = "parrot"
 
     def __init__(self, tokenizer: Tokenizer, delay: float = 0.0):
-        self.tokenizer = tokenizer
-        self.defaults = GenerationOptions(temperature=0)
-        self.max_context = 4096
-        self.eos = min(tokenizer.eos_token_ids)
+        super().__init__(tokenizer, max_context=4096)
         self.delay = delay
 
-    def new_cache(self) -> _Tape:
-        return _Tape()
-
-    def prefill(self, cache: _Tape, tokens: list[int]) -> None:
-        cache.tokens.extend(tokens)
-
-    def forward(self, cache: _Tape, tokens: mx.array) -> mx.array:
-        self.prefill(cache, tokens.tolist())
-        if cache.script is None:
-            prompt = self.tokenizer.decode(cache.tokens)
+    def _next(self, seq) -> mx.array:
+        if seq.step == 0:
+            prompt = self.tokenizer.decode(seq.tokens)
             said = _SAY.findall(prompt)
             if "say the prompt<|im_end|>" in prompt:
                 said = [prompt.rsplit("<|im_start|>assistant\n", 1)[-1]]
-            cache.script = self.tokenizer.encode(said[-1] if said else "") + [self.eos]
-        token = cache.script.pop(0) if cache.script else self.eos
-        time.sleep(self.delay)
+            seq.reply = self.tokenizer.encode(said[-1] if said else "") + [self.eos]
+        token = seq.reply[min(seq.step, len(seq.reply) - 1)]
+        seq.step += 1
         return mx.zeros(self.tokenizer.vocab_size).at[token].add(100.0)
 
-    def snapshot(self, cache: _Tape) -> int:
-        return len(cache.tokens)
-
-    def restore(self, cache: _Tape, snapshot: int) -> None:
-        del cache.tokens[snapshot:]
-
-    def settle(self, cache: _Tape) -> None:
-        pass
+    def decode(self, seqs, tokens: mx.array) -> mx.array:
+        time.sleep(self.delay)
+        return super().decode(seqs, tokens)
 
 
-def parrot(levels: bool = False, delay: float = 0.0) -> Parrot:
+def parrot(levels: bool = False, delay: float = 0.0) -> LLM:
     tokenizer = Tokenizer.from_dir(FIXTURES / "qwen3-tokenizer")
     if levels:
         tokenizer.chat_template = ChatTemplate((FIXTURES / "qwen3.8-style" / "chat_template.jinja").read_text())
-    return Parrot(tokenizer, delay)
+    return scripted_llm(Parrot(tokenizer, delay))
 
 
 def main(port: int, api_key: str | None = None) -> None:
@@ -84,7 +64,9 @@ def main(port: int, api_key: str | None = None) -> None:
 
     paths = {"parrot": FIXTURES / "qwen3-tokenizer", "parrot-levels": FIXTURES / "qwen3.8-style"}
     models = [LocalModel(name, path, "mlx", "path", 1000, 0.0, "fp32") for name, path in paths.items()]
-    pool = ModelPool(models, keep_alive=None, load=lambda path: parrot(levels=path == paths["parrot-levels"]))
+    pool = ModelPool(
+        models, keep_alive=None, load=lambda path: parrot(levels=path == paths["parrot-levels"], delay=0.01)
+    )
     log_to_stderr()
     uvicorn.run(create_app(pool, api_key=api_key), host="127.0.0.1", port=port, log_level="warning")
 

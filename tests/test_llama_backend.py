@@ -16,7 +16,7 @@ from checkpoints import build_reference, save_checkpoint
 
 import mlxqwen
 from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta
-from mlxqwen.engine import last
+from mlxqwen.llm import last
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
@@ -61,8 +61,13 @@ def load_f32(path: Path, **kwargs):
 
 
 def step_logits(llm, tokens: list[int]) -> np.ndarray:
-    cache = llm.new_cache()
-    return np.stack([np.array(llm.forward(cache, mx.array([t]))) for t in tokens])
+    """The runtime's logits after each token, fed one at a time."""
+    runtime = llm.runtime
+    seq = runtime.new_sequence()
+    try:
+        return np.stack([np.array(runtime.decode([seq], mx.array([t]))[0]) for t in tokens])
+    finally:
+        runtime.release(seq)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -95,23 +100,24 @@ def llm(request, models):
 
 def evaluated(llm) -> int:
     """Tokens llama.cpp has evaluated in this context, by its own count."""
-    perf = llama_cpp.llama_perf_context(llm.ctx)
+    perf = llama_cpp.llama_perf_context(llm.runtime.ctx)
     return perf.n_p_eval + perf.n_eval
 
 
 def check_against_scratch(llm, chat, message: str) -> None:
-    """The next reply from the chat's cache equals a greedy loop over the same tokens from an
-    empty cache (which also parks the chat's state and brings it back)."""
+    """The next reply from the chat's state equals a greedy loop over the same tokens from an
+    empty sequence."""
     done = chat.send(message, temperature=0, max_tokens=REPLY, logprobs=0)
-    tokens = chat._context.tokens
-    cache = llm.new_cache()
-    llm.prefill(cache, tokens[: len(tokens) - REPLY - 1])
-    logits = llm.forward(cache, mx.array(tokens[len(tokens) - REPLY - 1 : len(tokens) - REPLY]))
+    tokens, runtime = chat._tokens, llm.runtime
+    seq = runtime.new_sequence()
+    runtime.prefill(seq, tokens[: len(tokens) - REPLY - 1])
+    logits = runtime.decode([seq], mx.array(tokens[len(tokens) - REPLY - 1 : len(tokens) - REPLY]))[0]
     expected, logprobs = [], []
     for _ in range(REPLY):
         expected.append(int(mx.argmax(logits)))
         logprobs.append(float(logits[expected[-1]] - mx.logsumexp(logits)))
-        logits = llm.forward(cache, mx.array(expected[-1:]))
+        logits = runtime.decode([seq], mx.array(expected[-1:]))[0]
+    runtime.release(seq)
     assert [t.token for t in done.logprobs] == expected
     np.testing.assert_allclose([t.logprob for t in done.logprobs], logprobs, atol=1e-4)
 
@@ -164,14 +170,14 @@ def test_cancel_threads_and_other_generations_keep_the_chat(llm):
 
     # stopped while the prompt is read: the message is dropped, the cache rolled back
     history, tokens = chat.history, chat.tokens
-    chunk = llm.prefill_chunk
-    llm.prefill_chunk = 4
+    chunk = llm.runtime.prefill_chunk
+    llm.runtime.prefill_chunk = 4
     try:
         for event in chat.stream("A long message " * 8):
             if isinstance(event, PrefillProgress):
                 chat.cancel()
     finally:
-        llm.prefill_chunk = chunk
+        llm.runtime.prefill_chunk = chunk
     assert event.finish_reason == "cancelled" and (chat.history, chat.tokens) == (history, tokens)
 
     # another generation in between, and the next turns in other threads

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from platformdirs import user_cache_dir
 
-from ..engine import Backend
 from ..errors import ModelLoadError
+from ..llm import LLM
+from ..memory import memory_budget
+from ..prefix_cache import PrefixCache
 
 BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
@@ -108,7 +111,11 @@ def load(
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
-) -> Backend:
+    max_concurrent: int = 8,
+    max_queue: int = 64,
+    prefix_cache: int | bool = True,
+    prefix_cache_dir: str | Path | bool | None = None,
+) -> LLM:
     """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
 
     backend: "mlx", "llama.cpp", or "auto": MLX on Apple Silicon, elsewhere llama.cpp for a
@@ -122,6 +129,12 @@ def load(
     kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
     check_memory: refuse, before reading any weight, a model and context that would not fit
         in this machine's memory (see `mlxqwen.memory`).
+    max_concurrent: sequences generated together; max_queue: requests waiting beyond those
+        (more are refused with `QueueFullError`).
+    prefix_cache: bytes of memory for model states kept across requests (True: an eighth of
+        what this machine allows, at most 4 GiB; False: none, though chats keep their own).
+    prefix_cache_dir: also keep them on disk, in this directory (True: the user cache
+        directory), so that another process or a restart reuses them.
     """
     choice = choose(Path(path).expanduser(), backend)
     if choice.note:
@@ -129,11 +142,23 @@ def load(
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
-        return llama_cpp.load(
-            choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+        runtime = llama_cpp.load(
+            choice.path,
+            dtype=dtype,
+            max_context=max_context,
+            kv_bits=kv_bits,
+            check_memory=check_memory,
+            n_seq_max=max_concurrent + 1,  # and one to compute next turns' states
         )
-    from . import mlx
+    else:
+        from . import mlx
 
-    return mlx.load(
-        choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-    )
+        runtime = mlx.load(
+            choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+        )
+    if prefix_cache is True:
+        prefix_cache = min(4 << 30, memory_budget() // 8)
+    if prefix_cache_dir is True:
+        prefix_cache_dir = Path(user_cache_dir("mlxqwen")) / "prefix-cache"
+    cache = PrefixCache(runtime, int(prefix_cache), Path(prefix_cache_dir) if prefix_cache_dir else None)
+    return LLM(runtime, cache, max_concurrent, max_queue)

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..engine import Backend
+from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, ToolCall
 from .errors import APIError
 from .generation import budget_setting, start_generation
@@ -149,7 +149,7 @@ async def messages(request: Request) -> Response:
     stream = field(body, "stream", bool, False)
     pool: ModelPool = request.app.state.pool
 
-    def build(llm: Backend) -> tuple[Any, dict[str, Any]]:
+    def build(llm: LLM) -> tuple[Any, dict[str, Any]]:
         variables = budget_setting(llm.tokenizer.chat_template, thinking)
         return conversation, dict(tools=tools, template_vars=variables, **overrides)
 

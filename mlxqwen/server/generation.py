@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ..chat_template import ChatTemplate
-from ..engine import Backend
+from ..llm import LLM
 from ..events import Done, Event
 from .errors import APIError, api_error
 from .pool import ModelPool, Resident
@@ -116,7 +116,7 @@ async def start_generation(
     request: Request,
     model: str,
     keep_alive: float | None,
-    build: Callable[[Backend], tuple[Any, dict[str, Any]]],
+    build: Callable[[LLM], tuple[Any, dict[str, Any]]],
 ) -> Generation:
     """Acquire `model`, build `llm.stream`'s prompt and arguments with `build(llm)` (which may
     raise an APIError), start it and wait for its first event."""

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..backends import apple_silicon
 from ..chat_template import ChatTemplate
-from ..engine import Backend
+from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, ToolCall
 from ..library import LocalModel, remove_model
 from ..structured import grammar
@@ -119,7 +119,7 @@ def _build(body: Mapping[str, Any], prompt: Any, extra: dict[str, Any]):
     think = field(body, "think", (bool, str))
     tools = field(body, "tools", list)
 
-    def build(llm: Backend) -> tuple[Any, dict[str, Any]]:
+    def build(llm: LLM) -> tuple[Any, dict[str, Any]]:
         raw = extra.get("raw", False)
         kwargs = dict(extra, tools=tools, **overrides)
         if not raw:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..engine import Backend
+from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, TokenLogprob, ToolCall
 from ..structured import grammar
 from ..tokenizer import Tokenizer
@@ -208,7 +208,7 @@ async def chat_completions(request: Request) -> Response:
     include_usage = bool((field(body, "stream_options", dict) or {}).get("include_usage"))
     pool: ModelPool = request.app.state.pool
 
-    def build(llm: Backend) -> tuple[Any, dict[str, Any]]:
+    def build(llm: LLM) -> tuple[Any, dict[str, Any]]:
         think = think_setting(llm.tokenizer.chat_template, effort)
         return messages, dict(tools=tools, template_vars=think, **overrides)
 

@@ -10,17 +10,15 @@ on the event loop; loading runs in a worker thread."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
-
 from .. import memory
-from ..engine import Backend
+from ..llm import LLM
 from ..library import LocalModel, ModelNotFoundError, find_model, local_models
 from .errors import APIError
 
@@ -35,7 +33,7 @@ class Resident:
     leaves (monotonic seconds; None: never)."""
 
     model: LocalModel
-    llm: Backend
+    llm: LLM
     load_seconds: float
     keep_alive: float | None = None
     active: int = 0
@@ -61,7 +59,7 @@ class ModelPool:
         models: Sequence[LocalModel] | None,
         *,
         keep_alive: float | None,
-        load: Callable[[Path], Backend],
+        load: Callable[[Path], LLM],
         budget: int | None = None,
     ):
         self.fixed = list(models) if models is not None else None
@@ -143,11 +141,12 @@ class ModelPool:
         return sum(r.model.size_bytes for r in self.resident.values())
 
     def unload(self, name: str) -> bool:
-        """Drop a model (generations still running on it finish first: they hold it)."""
-        if self.resident.pop(name, None) is None:
+        """Drop a model; it is freed once the generations still running on it have finished."""
+        resident = self.resident.pop(name, None)
+        if resident is None:
             return False
-        gc.collect()  # the runtime frees its memory once the last reference goes
-        mx.clear_cache()
+        # close waits for the requests still running on it, so not on the event loop
+        threading.Thread(target=resident.llm.close, daemon=True, name=f"unload {name}").start()
         log.info("unloaded %s", name)
         return True
 

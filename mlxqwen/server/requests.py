@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..engine import GenerationOptions
+from ..sampling import GenerationOptions
 from .errors import APIError
 
 _NUMBERS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
