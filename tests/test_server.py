@@ -326,7 +326,7 @@ def test_anthropic_errors_in_its_shape(anthropic_client):
 def test_prompt_over_the_context_is_a_400_with_the_numbers(server):
     long = "say: " + "word " * 5000
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "parrot", "messages": user(long)})
-    assert r.status_code == 400 and "over the maximum context of 4096" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "5012 tokens, and the maximum context is 4096" in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/api/generate", json={"model": "parrot", "prompt": long, "stream": True})
     assert r.status_code == 400 and "maximum context" in r.json()["error"]
 

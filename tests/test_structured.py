@@ -51,11 +51,12 @@ SCHEMAS = [
 
 
 def constrained_greedy(llm, prompt: list[int], constraint: JsonConstraint, limit: int = 300) -> str:
-    """Greedy decoding with the mask applied to the logits, until an end-of-sequence token."""
-    eos = llm.tokenizer.eos_token_ids
-    cache = llm.new_cache()
-    llm.prefill(cache, prompt[:-1])
-    logits = llm.forward(cache, mx.array(prompt[-1:]))
+    """Greedy decoding with the mask applied to the logits, until an end-of-sequence token
+    (the model's runtime driven directly, as the engine does)."""
+    eos, runtime = llm.tokenizer.eos_token_ids, llm.runtime
+    seq = runtime.new_sequence()
+    runtime.prefill(seq, prompt[:-1])
+    logits = runtime.decode([seq], mx.array(prompt[-1:]))[0]
     out = []
     for _ in range(limit):
         token = int(mx.argmax(mx.where(constraint.mask(), logits, -mx.inf)))
@@ -64,7 +65,7 @@ def constrained_greedy(llm, prompt: list[int], constraint: JsonConstraint, limit
             assert constraint.finished
             return llm.tokenizer.decode(out)
         out.append(token)
-        logits = llm.forward(cache, mx.array([token]))
+        logits = runtime.decode([seq], mx.array([token]))[0]
     raise AssertionError(f"no end after {limit} tokens: {llm.tokenizer.decode(out)!r}")
 
 

@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, ToolCall
+from ..llm import LLM
 from .errors import APIError
 from .generation import budget_setting, start_generation
 from .pool import ModelPool

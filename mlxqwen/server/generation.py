@@ -17,8 +17,8 @@ from typing import Any
 from starlette.requests import Request
 
 from ..chat_template import ChatTemplate
-from ..llm import LLM
 from ..events import Done, Event
+from ..llm import LLM
 from .errors import APIError, api_error
 from .pool import ModelPool, Resident
 

@@ -20,9 +20,9 @@ from starlette.routing import Route
 from .. import __version__
 from ..backends import apple_silicon
 from ..chat_template import ChatTemplate
-from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, ToolCall
 from ..library import LocalModel, remove_model
+from ..llm import LLM
 from ..structured import grammar
 from ..tokenizer import read_json
 from .errors import APIError

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..llm import LLM
 from ..events import Done, TextDelta, ThinkingDelta, TokenLogprob, ToolCall
+from ..llm import LLM
 from ..structured import grammar
 from ..tokenizer import Tokenizer
 from .errors import APIError

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import memory
-from ..llm import LLM
 from ..library import LocalModel, ModelNotFoundError, find_model, local_models
+from ..llm import LLM
 from .errors import APIError
 
 log = logging.getLogger("mlxqwen.server")
