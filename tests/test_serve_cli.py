@@ -165,7 +165,7 @@ def test_pool_keeps_models_within_the_memory_budget():
         pool = ModelPool(
             [model("a", 40), model("b", 40), model("c", 40), model("huge", 500)],
             keep_alive=None,
-            load=lambda path: loaded.append(str(path)) or SimpleNamespace(name="fake"),
+            load=lambda path: loaded.append(str(path)) or SimpleNamespace(name="fake", close=lambda: None),
             budget=100,
         )
         for name in ("a", "b"):
@@ -242,7 +242,7 @@ def test_bounded_load(server, reference):
     assert rss() < baseline * 1.25 + 64 * 2**20
 
 
-# --- waiting on the batched engine (issue 10) --------------------------------------------------
+# --- the batched engine: prefix cache and queue -----------------------------------------------
 
 
 def _turn(dialect: str, client, model: str, history: list[dict]) -> tuple[str, int]:
@@ -259,7 +259,6 @@ def _turn(dialect: str, client, model: str, history: list[dict]) -> tuple[str, i
     return r.content[-1].text, r.usage.input_tokens
 
 
-@pytest.mark.needs_engine
 @pytest.mark.parametrize("dialect", ["ollama", "openai", "anthropic"])
 def test_stateless_ten_turn_chat_computes_only_each_new_turn(server, dialect):
     """Each turn resends the whole conversation; the prefix cache leaves only what is new since the
@@ -284,7 +283,6 @@ def test_stateless_ten_turn_chat_computes_only_each_new_turn(server, dialect):
         before = prompt
 
 
-@pytest.mark.needs_engine
 def test_a_full_queue_is_a_503_with_retry_after(home, env):
     command = serve_command("mlxqwen-demo-gguf", "--max-concurrent", "1", "--max-queue", "1")
     with running(command, home / "queue.log", env) as server:

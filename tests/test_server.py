@@ -358,10 +358,10 @@ def test_one_log_line_per_request_without_prompt_text(server, ollama_client):
     assert "secret" not in server.log_text()
 
 
-# --- waiting on the batched engine (issue 10) --------------------------------------------------
+# --- waiting on the engine's constrained sampling --------------------------------------------------
 
 
-@pytest.mark.needs_engine
+@pytest.mark.needs_constrained_sampling
 def test_json_schema_is_enforced_in_every_dialect(ollama_client, openai_client):
     """The parrot is told to write no JSON at all: only the engine's constrained sampling makes it valid."""
     said = ollama_client.chat(model="parrot", messages=user("say: no JSON here"), format=SCHEMA, think=False)
