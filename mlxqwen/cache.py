@@ -164,14 +164,20 @@ class LinearAttentionCache:
 
     @classmethod
     def stack(cls, caches: Sequence[LinearAttentionCache]) -> LinearAttentionCache:
-        """One cache holding the rows of `caches`, in order (their states are copied)."""
+        """One cache holding the rows of `caches`, in order (their states are copied; a sequence
+        that has seen no token yet starts from zeros, as the layer would)."""
         batch = cls()
-        batch.conv_state = mx.concatenate([c.conv_state for c in caches])
-        batch.recurrent_state = mx.concatenate([c.recurrent_state for c in caches])
+        full = next((c for c in caches if c.conv_state is not None), None)
+        if full is not None:
+            zeros = [mx.zeros_like(a) for a in full.snapshot()]
+            rows = [zeros if c.conv_state is None else c.snapshot() for c in caches]
+            batch.conv_state, batch.recurrent_state = (mx.concatenate(parts) for parts in zip(*rows, strict=True))
         return batch
 
     def row(self, i: int) -> tuple[mx.array, mx.array]:
         """Row i's state as arrays of its own (not views that would keep the whole batch alive)."""
+        if self.conv_state is None:
+            return None, None
         index = mx.array([i])
         return mx.take(self.conv_state, index, axis=0), mx.take(self.recurrent_state, index, axis=0)
 

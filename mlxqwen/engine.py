@@ -19,10 +19,12 @@ is computed for it once, right after the reply, so the next request only reads w
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,18 @@ from .sampling import GenerationOptions, Sample, Sampler
 _STREAM = mx.new_thread_local_stream(mx.default_device())
 _BLOCK = 256  # K/V is counted in blocks of this many positions, as the caches grow
 _log = logging.getLogger("mlxqwen")
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _settle() -> None:
+    # The process ending while an engine thread computes aborts it (MLX's streams are torn down
+    # under it): stop their work and wait until they are idle. The threads themselves stay,
+    # blocked: one that ends during the interpreter's shutdown can abort it as well.
+    for engine in list(_engines):
+        engine._stop_and_wait(timeout=30)
 
 
 @dataclass
@@ -182,6 +196,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._idle = True
+        self._stopping = False  # the process is ending: drop what is left
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._warm: deque[_Warm] = deque()
@@ -212,6 +228,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mlxqwen-engine", daemon=True)
                 self._thread.start()
+                _engines.add(self)
             self._lock.notify()
         return handle
 
@@ -226,13 +243,26 @@ class Engine:
 
     # --- the engine thread ------------------------------------------------------------------
 
+    def _stop_and_wait(self, timeout: float) -> None:
+        """Cancel every request, drop pending work and wait for the engine thread to be idle."""
+        with self._lock:
+            self._stopping = True
+            for stream in [*self._incoming, *self._waiting, *self._active]:
+                stream.handle.cancel()
+            self._lock.wait_for(lambda: self._idle, timeout)
+
     def _run(self) -> None:
         # One thread for the engine's life: MLX arrays are bound to the thread that made them.
         with mx.stream(_STREAM):
             while True:
                 with self._lock:
+                    if self._stopping:
+                        self._warm.clear()
+                    self._idle = not (self._incoming or self._waiting or self._active or self._warm)
+                    self._lock.notify_all()
                     while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
                         self._lock.wait()
+                    self._idle = False
                     self._waiting.extend(self._incoming)
                     self._incoming.clear()
                     if self._closing and not (self._waiting or self._active or self._warm):
