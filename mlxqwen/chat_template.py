@@ -5,13 +5,19 @@ Same environment as transformers' `apply_chat_template`: an immutable sandbox wi
 does not escape HTML, `raise_exception`, `strftime_now`; messages lose their None-valued
 keys, `reasoning`/`thinking` alias `reasoning_content`, and the special tokens
 (`bos_token`, `eos_token`, ...) are template variables. Any other keyword
-(`enable_thinking`, ...) is passed through to the template."""
+(`enable_thinking`, ...) is passed through to the template.
+
+Thinking: Qwen3/3.5/3.6 templates turn it on or off (`enable_thinking`); Qwen3.8's also take
+an effort (`reasoning_effort`: xhigh, medium, low; any other value raises). `thinking_levels`
+finds the efforts a template accepts by rendering it with each known name, and
+`thinking_vars` turns a `think` setting into the template's variables."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,9 @@ from .errors import ModelLoadError
 Message = Mapping[str, Any]
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+# effort names a template may accept, least effort first (OpenAI's reasoning_effort values and Qwen3.8's)
+EFFORT_LEVELS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def _raise_exception(message: str):
@@ -119,3 +128,32 @@ class ChatTemplate:
                 "add_generation_prompt": add_generation_prompt,
             }
         )
+
+    @cached_property
+    def thinking_levels(self) -> tuple[str, ...]:
+        """The `reasoning_effort` values this template renders without error, least effort
+        first (Qwen3.8: low, medium, xhigh); () for a template that takes only on/off."""
+        if not any("reasoning_effort" in source for source in self.sources.values()):
+            return ()
+        probe = [{"role": "user", "content": "?"}]
+        levels = []
+        for level in EFFORT_LEVELS:
+            try:
+                self.render(probe, reasoning_effort=level)
+            except jinja2.TemplateError:
+                continue
+            levels.append(level)
+        return tuple(levels)
+
+    def thinking_vars(self, think: bool | str | None) -> dict[str, Any]:
+        """The template variables for `think`: None keeps the template's default, True/False turn
+        thinking on/off, a level (one of `thinking_levels`) turns it on with that effort."""
+        if think is None:
+            return {}
+        if isinstance(think, bool):
+            return {"enable_thinking": think}
+        if think in self.thinking_levels:
+            return {"enable_thinking": True, "reasoning_effort": think}
+        if not self.thinking_levels:
+            raise ValueError(f"think={think!r}: this model has no thinking levels; think takes true or false")
+        raise ValueError(f"think={think!r}: this model's thinking levels are {', '.join(self.thinking_levels)}")

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "pull": "mlxqwen.library_cli",
     "list": "mlxqwen.library_cli",
     "rm": "mlxqwen.library_cli",
+    "serve": "mlxqwen.serve_cli",
 }
 
 

@@ -52,11 +52,14 @@ class GenerationOptions(SamplingParams):
 
     max_tokens: most tokens to generate (None: until EOS or the context is full).
     stop: strings that end generation; the text stops before them.
-    logprobs: None, or report each token's log-probability with this many top alternatives."""
+    logprobs: None, or report each token's log-probability with this many top alternatives.
+    format: None, "json" (a JSON object) or a JSON schema (a dict) the answer must follow
+    (see `mlxqwen.structured`)."""
 
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    format: str | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +68,8 @@ class GenerationOptions(SamplingParams):
             raise ValueError(f"max_tokens={self.max_tokens!r} must be at least 1")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs={self.logprobs!r} must be 0 or more")
+        if not (self.format is None or self.format == "json" or isinstance(self.format, Mapping)):
+            raise ValueError(f"format={self.format!r}: use None, 'json' or a JSON schema (a dict)")
 
 
 def recommended_sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]:

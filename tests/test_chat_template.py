@@ -164,3 +164,30 @@ def test_loading_places(tmp_path):
 def test_sandbox(source):
     with pytest.raises(jinja2.exceptions.SecurityError):
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
+
+
+QWEN38_STYLE = TOKENIZER_DIR.parent / "qwen3.8-style" / "chat_template.jinja"
+
+
+def test_thinking_levels_of_a_qwen38_style_template():
+    template = ChatTemplate(QWEN38_STYLE.read_text())
+    assert template.thinking_levels == ("low", "medium", "xhigh")
+    question = [{"role": "user", "content": "2+2?"}]
+    assert template.render(question).endswith("<think>\nReasoning effort: xhigh\n")  # the default
+    for level in template.thinking_levels:
+        variables = template.thinking_vars(level)
+        assert variables == {"enable_thinking": True, "reasoning_effort": level}
+        assert template.render(question, **variables).endswith(f"Reasoning effort: {level}\n")
+    assert template.render(question, **template.thinking_vars(False)).endswith("<think>\n\n</think>\n\n")
+    assert template.thinking_vars(None) == {}
+    with pytest.raises(ValueError, match=r"^think='high': this model's thinking levels are low, medium, xhigh$"):
+        template.thinking_vars("high")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_on_off_templates_have_no_thinking_levels(name):
+    template = ChatTemplate(TEMPLATES[name].read_text())
+    assert template.thinking_levels == ()
+    assert template.thinking_vars(True) == {"enable_thinking": True}
+    with pytest.raises(ValueError, match="no thinking levels; think takes true or false"):
+        template.thinking_vars("low")
