@@ -38,6 +38,7 @@ from .events import Done, Event, PrefillProgress, Stats, TextDelta, ThinkingDelt
 from .parsing import OutputParser, ParsedEvent, held_back
 from .prefix_cache import Entry, PrefixCache
 from .sampling import GenerationOptions, Sample, Sampler
+from .structured import JsonConstraint
 
 # MLX streams are per thread; the engine thread runs on this one.
 _STREAM = mx.new_thread_local_stream(mx.default_device())
@@ -168,6 +169,8 @@ class _Stream:
     max_new: int = 0
     first_token: float = 0.0
     logprobs: list[TokenLogprob] | None = None
+    constraint: JsonConstraint | None = None  # the answer's format (GenerationOptions.format)
+    constrained: bool = False  # the constraint applies now (not while the model thinks)
 
     @property
     def request(self) -> Request:
@@ -201,6 +204,7 @@ class Engine:
         self._waiting: deque[_Stream] = deque()
         self._active: list[_Stream] = []
         self._warm: deque[_Warm] = deque()
+        self._think_close = runtime.tokenizer.token_to_id("</think>")
 
     # --- the callers' side ----------------------------------------------------------------
 
@@ -216,6 +220,9 @@ class Engine:
             )
         handle = Handle(request)
         stream = _Stream(handle, time.perf_counter(), request.prompt[:-1], request.prompt[-1])
+        if request.options.format is not None:  # a schema it cannot use is refused here, in the caller's thread
+            stream.constraint = JsonConstraint(runtime.tokenizer, request.options.format, runtime.vocab_size)
+            stream.constrained = not request.thinking
         with self._lock:
             if len(self._incoming) + len(self._waiting) >= self.max_queue + max(
                 0, self.max_concurrent - len(self._active)
@@ -420,16 +427,24 @@ class Engine:
         logits = self.runtime.decode([s.seq for s in streams], inputs)
         handed = []
         for i, stream in enumerate(streams):
-            sample = stream.sampler(logits[i])
-            mx.async_eval(*(x for x in sample if x is not None))
             handed.append((stream, stream.launched))
-            stream.launched, stream.next_input = sample, sample.token.reshape(1)
-            if handed[-1][1] is None:  # its first step: the prompt's last token was fed
+            if stream.launched is None:  # its first step: the prompt's last token was fed
                 stream.tokens.append(stream.first_input)
                 stream.fed += 1
+            if stream.constraint is None:
+                self._draw(stream, logits[i])
         for stream, sample in handed:
             if sample is not None:
                 self._hand_out(stream, sample)
+        # a constrained draw needs the token before it (handed out just now) for its mask
+        for i, stream in enumerate(streams):
+            if stream.constraint is not None and stream in self._active:
+                self._draw(stream, logits[i], stream.constraint.mask() if stream.constrained else None)
+
+    def _draw(self, stream: _Stream, logits: mx.array, allowed: mx.array | None = None) -> None:
+        sample = stream.sampler(logits, allowed)
+        mx.async_eval(*(x for x in sample if x is not None))
+        stream.launched, stream.next_input = sample, sample.token.reshape(1)
 
     def _hand_out(self, stream: _Stream, sample: Sample) -> None:
         """Give the caller a token drawn one step ago (the step just launched has fed it)."""
@@ -445,6 +460,10 @@ class Engine:
                 else zip(sample.top_ids.tolist(), sample.top_logprobs.tolist(), strict=True)
             )
             stream.logprobs.append(TokenLogprob(token, sample.logprob.item(), tuple(top)))
+        if stream.constrained and token not in self.runtime.tokenizer.eos_token_ids:
+            stream.constraint.advance(token)
+        elif stream.constraint is not None and token == self._think_close:
+            stream.constrained = True  # the answer begins: from here it follows the format
         if token in self.runtime.tokenizer.eos_token_ids:
             self._finish(stream, "stop")
             return

@@ -93,7 +93,7 @@ class LLM:
         *,
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
+        think: bool | str | None = None,
         raw: bool = False,
         template_vars: Mapping[str, Any] | None = None,
     ) -> str:
@@ -109,7 +109,7 @@ class LLM:
         *,
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
+        think: bool | str | None = None,
         raw: bool = False,
         template_vars: Mapping[str, Any] | None = None,
         options: GenerationOptions | None = None,
@@ -119,7 +119,8 @@ class LLM:
         """Generate a reply to `prompt` as events: `ThinkingDelta`, `TextDelta`, `ToolCall`,
         `PrefillProgress` and, last, `Done` with the whole reply and its stats.
 
-        think: turn the model's thinking on/off (None: the template's default).
+        think: turn the model's thinking on/off (None: the template's default), or a level the
+            template takes (Qwen3.8: "low", "medium", "xhigh"; see `ChatTemplate.thinking_levels`).
         tools: JSON schemas of the tools the model may call.
         cancel: set it (from any thread) to stop; the last event is then Done("cancelled").
         overrides: any `GenerationOptions` field, e.g. temperature=0, max_tokens=100.
@@ -148,7 +149,7 @@ class LLM:
         system: str | None = None,
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
+        think: bool | str | None = None,
         history: Sequence[Message] = (),
         template_vars: Mapping[str, Any] | None = None,
         options: GenerationOptions | None = None,
@@ -179,7 +180,7 @@ class LLM:
         self,
         messages: list[dict[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None,
-        think: bool | None,
+        think: bool | str | None,
         template_vars: Mapping[str, Any] | None,
         add_generation_prompt: bool = True,
     ) -> str:
@@ -190,7 +191,7 @@ class LLM:
             messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
-            **thinking_vars(think),
+            **template.thinking_vars(think),
             **(template_vars or {}),
         )
 
@@ -210,10 +211,6 @@ def _shared(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def thinking_vars(think: bool | None) -> dict[str, Any]:
-    return {} if think is None else {"enable_thinking": think}
 
 
 def events(engine: Engine, request: Request, on_end: Callable[[Handle | None], None] | None = None) -> Iterator[Event]:

@@ -168,9 +168,11 @@ class Sampler:
         choice = mx.random.categorical(logits, key=key)
         return choice if ids is None else ids[choice]
 
-    def __call__(self, logits: mx.array) -> Sample:
+    def __call__(self, logits: mx.array, allowed: mx.array | None = None) -> Sample:
+        """Draw from `logits`; `allowed` (bool over the vocabulary) keeps the draw among those ids."""
         logits = logits.reshape(-1).astype(mx.float32)
-        token = self._draw(self._penalize(logits))
+        penalized = self._penalize(logits)
+        token = self._draw(penalized if allowed is None else mx.where(allowed, penalized, -mx.inf))
         if self.seen is not None:
             self.seen = self.seen.at[token].add(1)
         if self.counts is not None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import Handle, Request
 from .events import Done, Event
-from .llm import Message, events, last, thinking_vars
+from .llm import Message, events, last
 from .parsing import opens_thinking
 from .prefix_cache import Entry, PrefixCache
 from .sampling import GenerationOptions
@@ -46,7 +46,7 @@ class _Turn:
     before: list[int]  # the conversation's tokens before the turn's messages
     before_entry: Entry | None
     messages: list[dict[str, Any]]
-    think: bool | None
+    think: bool | str | None
     prompt: list[int]  # the tokens the reply follows
     thinking: bool  # the prompt opened <think>
     history_index: int  # where the turn's messages start in the history
@@ -71,7 +71,7 @@ class ChatSession:
         *,
         system: str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
+        think: bool | str | None = None,
         history: Sequence[Message] = (),
         template_vars: Mapping[str, Any] | None = None,
         options: GenerationOptions | None = None,
@@ -119,7 +119,7 @@ class ChatSession:
         return last(self.stream(message, **kwargs))
 
     def stream(
-        self, message: str | Message | Sequence[Message], *, think: bool | None = None, **overrides: Any
+        self, message: str | Message | Sequence[Message], *, think: bool | str | None = None, **overrides: Any
     ) -> Iterator[Event]:
         """Like `send`, as events (see `LLM.stream`). think: thinking for this turn
         (None: the chat's setting); overrides: `GenerationOptions` fields for this turn."""
@@ -136,7 +136,7 @@ class ChatSession:
         think= changes the thinking setting for it (then the last message is read again)."""
         return last(self.stream_regenerate(**kwargs))
 
-    def stream_regenerate(self, *, think: bool | None = None, **overrides: Any) -> Iterator[Event]:
+    def stream_regenerate(self, *, think: bool | str | None = None, **overrides: Any) -> Iterator[Event]:
         turn = self._require_turn()
         if think is not None and think != turn.think:
             return self._redo(turn, turn.messages, think, overrides)
@@ -152,7 +152,7 @@ class ChatSession:
         return last(self.stream_edit_last(message, **kwargs))
 
     def stream_edit_last(
-        self, message: str | Message | Sequence[Message], *, think: bool | None = None, **overrides: Any
+        self, message: str | Message | Sequence[Message], *, think: bool | str | None = None, **overrides: Any
     ) -> Iterator[Event]:
         turn = self._require_turn()
         messages = [{"role": "user", "content": message}] if isinstance(message, str) else message
@@ -160,7 +160,7 @@ class ChatSession:
         return self._redo(turn, messages, self.think if think is None else think, overrides)
 
     def _redo(
-        self, turn: _Turn, messages: list[dict[str, Any]], think: bool | None, overrides: Mapping[str, Any]
+        self, turn: _Turn, messages: list[dict[str, Any]], think: bool | str | None, overrides: Mapping[str, Any]
     ) -> Iterator[Event]:
         """The last turn again, from the state before its message, with `messages`."""
 
@@ -176,10 +176,10 @@ class ChatSession:
             raise RuntimeError("no reply to go back to: send a message first")
         return self._turn
 
-    def _prompt(self, messages: list[dict[str, Any]], think: bool | None) -> tuple[list[int], bool]:
+    def _prompt(self, messages: list[dict[str, Any]], think: bool | str | None) -> tuple[list[int], bool]:
         """The tokens the reply to `messages` follows, and whether they open <think>."""
         template, tokenizer = self.llm.tokenizer.chat_template, self.llm.tokenizer
-        render_vars = {**thinking_vars(think), **self.template_vars}
+        render_vars = {**template.thinking_vars(think), **self.template_vars}
         if self._tokens:
             marked = self._history[:-1] + [{"role": "assistant", "content": _MARKER}] + messages
             text = template.render(marked, tools=self.tools, **render_vars)
@@ -194,7 +194,7 @@ class ChatSession:
         return tokenizer.encode(text), opens_thinking(text)
 
     def _turn_events(
-        self, messages: list[dict[str, Any]], think: bool | None, overrides: Mapping[str, Any]
+        self, messages: list[dict[str, Any]], think: bool | str | None, overrides: Mapping[str, Any]
     ) -> Iterator[Event]:
         prompt, thinking = self._prompt(messages, think)
         turn = _Turn(self._tokens, self._state, messages, think, prompt, thinking, len(self._history))

@@ -38,6 +38,7 @@ class ScriptedRuntime(Runtime):
         gates: dict[int, threading.Event] | None = None,
     ):
         self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
         self.defaults = GenerationOptions(temperature=0)
         self.max_context = self.kv_capacity = max_context
         self.identity = {"runtime": self.name}

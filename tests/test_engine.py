@@ -243,3 +243,27 @@ def test_verify_then_commit_equals_plain_decoding(tiny_models, arch, backend):
         runtime.release(plain)
     for seq in seqs:
         runtime.release(seq)
+
+
+def test_constrained_answers_in_a_batch_after_the_thinking(monkeypatch):
+    """A JSON format binds the answer only (after </think>), and a request without one in the same batch
+    is left alone."""
+    from checkpoints import TOKENIZER_DIR
+    from scripted import ScriptedRuntime, scripted_llm
+
+    from mlxqwen.tokenizer import Tokenizer
+
+    reply = 'Let me see.</think>{"a":1} and then some words'
+    runtime = ScriptedRuntime(Tokenizer.from_dir(TOKENIZER_DIR), [reply, reply])
+    llm = scripted_llm(runtime)
+    sizes = count_decodes(llm, monkeypatch)
+    handles = [
+        llm.engine.submit(Request(llm.tokenizer.encode(llm.prompt_text("Hi?")), options, thinking=True))
+        for options in (llm.options(format="json"), llm.options())
+    ]
+    constrained, free = (last(iter(h)) for h in handles)
+    assert (constrained.thinking, constrained.text) == ("Let me see.", '{"a":1}')
+    assert free.text == '{"a":1} and then some words'
+    assert max(sizes) == 2
+    with pytest.raises(ValueError, match="format"):
+        llm.engine.submit(Request([1, 2], llm.options(format={"type": "no such type"})))

@@ -152,7 +152,7 @@ class LlamaCppRuntime(Runtime):
         self._fed = 0  # tokens per sequence of the last verify
 
         vocab = _Vocab(llama.llama_model_get_vocab(model))
-        self.n_vocab = vocab.vocab_size
+        self.vocab_size = vocab.vocab_size
         tokens = {
             "bos_token": vocab.id_to_token(llama.llama_vocab_bos(vocab.vocab)),
             "eos_token": vocab.id_to_token(llama.llama_vocab_eos(vocab.vocab)),
@@ -266,10 +266,10 @@ class LlamaCppRuntime(Runtime):
             seq.length += len(tokens)
         if not logits:
             return None
-        out = np.empty((i, self.n_vocab), np.float32)
+        out = np.empty((i, self.vocab_size), np.float32)
         for row in range(i):  # copied before the next decode overwrites them
-            out[row] = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
-        return mx.array(out.reshape(len(feeds), -1, self.n_vocab))
+            out[row] = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.vocab_size,))
+        return mx.array(out.reshape(len(feeds), -1, self.vocab_size))
 
 
 def _reason() -> str:

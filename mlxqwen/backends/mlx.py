@@ -55,6 +55,7 @@ class MLXRuntime(Runtime):
                 )
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.defaults, self.max_context, self.kv_capacity = defaults, max_context, kv_capacity
+        self.vocab_size = config.vocab_size
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.trimmable = not any(layer.is_linear for layer in model.layers)
         self.identity = {

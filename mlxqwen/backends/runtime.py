@@ -24,13 +24,14 @@ from ..tokenizer import Tokenizer
 
 
 class Runtime(ABC):
-    """name: shown to users ("MLX", "llama.cpp"). max_context: the longest sequence.
+    """name: shown to users ("MLX", "llama.cpp"). vocab_size: the logits' width. max_context: the longest sequence.
     kv_capacity: tokens of K/V all live sequences may hold together. trimmable: a snapshot also
     serves any shorter prefix of its tokens (no recurrent state). identity: what the model's
     computations depend on (weights, dtypes), for the prefix cache's disk tier."""
 
     name: str
     tokenizer: Tokenizer
+    vocab_size: int
     defaults: GenerationOptions
     max_context: int
     kv_capacity: int
