@@ -6,6 +6,7 @@ offers what the engine's scheduler needs:
 - `decode` one token for each of many sequences in one forward (continuous batching),
 - `verify` a few tokens per sequence (logits at every position), then `commit` the first n of
   them per sequence: what speculative decoding needs, with no recomputation on rejection,
+- `draft` the tokens that may follow, with the model's own multi-token-prediction (MTP) head,
 - `snapshot` / `restore` a sequence's whole state (the prefix cache keeps snapshots), and
   `save` / `load` a snapshot as arrays for the prefix cache's disk tier.
 
@@ -14,7 +15,7 @@ Calls come from one thread, the engine's, one at a time. Logits may be lazy MLX 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -38,6 +39,7 @@ class Runtime(ABC):
     prefill_chunk: int = 512
     trimmable: bool
     identity: dict[str, Any]
+    mtp: bool = False  # `draft` works: the model's MTP head is loaded
 
     @abstractmethod
     def new_sequence(self) -> Any:
@@ -64,6 +66,15 @@ class Runtime(ABC):
     @abstractmethod
     def commit(self, seqs: Sequence[Any], accepted: Sequence[int]) -> None:
         """Keep the first accepted[i] (1..T) tokens of the last `verify` in sequence i."""
+
+    def draft(
+        self, seqs: Sequence[Any], tokens: mx.array, depth: int, pick: Callable[[mx.array], mx.array]
+    ) -> mx.array:
+        """Guess `depth` tokens to follow each sequence's next token `tokens` [B] (about to be fed, not
+        fed yet) with the MTP head, chained: `pick(logits [B, vocab])` chooses each guess [B] from the
+        head's logits. Returns the guesses [B, depth]. The sequences' model state is unchanged (the
+        head keeps its own state per sequence, up to date with what `verify`/`commit` kept)."""
+        raise NotImplementedError(f"{self.name} has no MTP head loaded")
 
     @abstractmethod
     def snapshot(self, seq: Any) -> Any:
