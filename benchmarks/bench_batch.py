@@ -83,18 +83,20 @@ def step_times(llm, batch: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def stateless_ttft(llm, turns: int, reply: int) -> tuple[float, float, int]:
+def stateless_ttft(llm, turns: int, n_words: int, reply: int) -> tuple[float, float, int]:
     """TTFT at turn 1 and at the last turn, and the prompt tokens read at the last turn."""
     messages, ttft = [{"role": "system", "content": "You are terse."}], []
     for turn in range(turns):
-        messages.append({"role": "user", "content": words(turn, 60) + "?"})
+        messages.append({"role": "user", "content": words(turn, n_words) + "?"})
         done = last(llm.stream(messages, think=False, temperature=0, max_tokens=reply))
         ttft.append(done.stats.ttft)
         messages.append(done.to_message())
     return ttft[0], ttft[-1], done.stats.prompt_tokens
 
 
-def mlx_lm_stateless_ttft(path: Path, llm, turns: int, reply: int, dtype: mx.Dtype) -> tuple[float, float, int]:
+def mlx_lm_stateless_ttft(
+    path: Path, llm, turns: int, n_words: int, reply: int, dtype: mx.Dtype
+) -> tuple[float, float, int]:
     """The same conversation through mlx-lm, reusing its prompt cache where it can be trimmed."""
     from mlx.utils import tree_map
     from mlx_lm import stream_generate
@@ -108,7 +110,7 @@ def mlx_lm_stateless_ttft(path: Path, llm, turns: int, reply: int, dtype: mx.Dty
     messages, ttft = [{"role": "system", "content": "You are terse."}], []
     cache, cached = make_prompt_cache(model), []
     for turn in range(turns):
-        messages.append({"role": "user", "content": words(turn, 60) + "?"})
+        messages.append({"role": "user", "content": words(turn, n_words) + "?"})
         prompt = llm.tokenizer.encode(llm.prompt_text(messages, think=False))
         common = next(
             (i for i, (a, b) in enumerate(zip(cached, prompt, strict=False)) if a != b), min(len(cached), len(prompt))
@@ -159,30 +161,39 @@ def projection(streams: int) -> tuple[float, float]:
     return streams / step, (streams / step) / (1 / one)
 
 
+def build(tmp: Path, hidden: int, layers: int, backends: list[str]) -> dict[str, Path]:
+    """The MLX 4-bit checkpoint and, for llama.cpp, the same weights as GGUF Q4_K_M."""
+    path = write_quantized_checkpoint(tmp / f"q4-{hidden}", qwen3_5_config(hidden, layers))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TOKENIZER / name, path / name)
+    models = {"mlx": path}
+    if "llama.cpp" in backends:
+        from mlxqwen.convert.gguf import convert_to_gguf
+
+        models["llama.cpp"] = convert_to_gguf(path, tmp / f"q4-{hidden}.gguf", "Q4_K_M")
+    return models
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=1024, help="the batching model's hidden size")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--decode", type=int, default=32, help="tokens per request in the batching runs")
+    ap.add_argument("--chat-hidden", type=int, default=512, help="the conversation model's hidden size")
+    ap.add_argument("--chat-layers", type=int, default=4)
     ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--words", type=int, default=40, help="words per message")
     ap.add_argument("--reply", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", nargs="+", default=["mlx", "llama.cpp"], choices=["mlx", "llama.cpp"])
     args = ap.parse_args()
 
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    device = f"{mx.default_device()}, {dtype}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_quantized_checkpoint(Path(tmp) / "q4", qwen3_5_config(args.hidden, args.layers))
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(TOKENIZER / name, path / name)
-        models = {"mlx": path}
-        if "llama.cpp" in args.backend:
-            from mlxqwen.convert.gguf import convert_to_gguf
-
-            models["llama.cpp"] = convert_to_gguf(path, Path(tmp) / "q4.gguf", "Q4_K_M")
-        size = (path / "model.safetensors").stat().st_size / 1e6
-
-        batching, steps, chats = [], [], []
+        models = build(Path(tmp), args.hidden, args.layers, args.backend)
+        size = (models["mlx"] / "model.safetensors").stat().st_size / 1e6
+        batching, steps = [], []
         for backend in args.backend:
             llm = mlxqwen.load(models[backend], backend=backend, dtype=dtype, max_context=8192, prefix_cache=False)
             llm.tokenizer.eos_token_ids = set()  # random weights: every request runs its full length
@@ -195,37 +206,40 @@ def main() -> None:
                 ms = step_times(llm, batch, args.repeats)
                 steps.append([backend, batch, ms * 1000, f"{ms / one:.2f}"])
             llm.close()
-
-            cached = mlxqwen.load(models[backend], backend=backend, dtype=dtype, max_context=8192)
-            plain = mlxqwen.load(models[backend], backend=backend, dtype=dtype, max_context=8192, prefix_cache=False)
-            for label, model in (("mlxqwen, prefix cache", cached), ("mlxqwen, no cache", plain)):
-                first, final, read = stateless_ttft(model, args.turns, args.reply)
-                chats.append([backend, label, first * 1000, final * 1000, f"{final / first:.2f}", read])
-            cached.close()
-            plain.close()
-            if backend == "mlx":
-                first, final, read = mlx_lm_stateless_ttft(path, cached, args.turns, args.reply, dtype)
-                chats.append(
-                    ["mlx", "mlx-lm, its prompt cache", first * 1000, final * 1000, f"{final / first:.2f}", read]
-                )
-
-        device = f"{mx.default_device()}, {dtype}"
         print_table(
             f"Aggregate decode, Qwen3.5-shaped 4-bit, {size:.0f} MB, {args.decode} tokens per request ({device})",
             ["backend", "streams", "tok/s", "vs 1 stream"],
             batching,
         )
         print_table("One decode step (runtime alone)", ["backend", "batch", "ms", "vs batch 1"], steps)
+
+        models = build(Path(tmp), args.chat_hidden, args.chat_layers, args.backend)
+        size = (models["mlx"] / "model.safetensors").stat().st_size / 1e6
+        chats = []
+        for backend in args.backend:
+            for label, cache in (("mlxqwen, prefix cache", True), ("mlxqwen, no cache", False)):
+                llm = mlxqwen.load(models[backend], backend=backend, dtype=dtype, max_context=8192, prefix_cache=cache)
+                first, final, read = stateless_ttft(llm, args.turns, args.words, args.reply)
+                chats.append([backend, label, first * 1000, final * 1000, f"{final / first:.2f}", read])
+                if backend == "mlx" and cache:
+                    first, final, read = mlx_lm_stateless_ttft(
+                        models["mlx"], llm, args.turns, args.words, args.reply, dtype
+                    )
+                    row = ["mlx", "mlx-lm, its prompt cache", first * 1000, final * 1000, f"{final / first:.2f}", read]
+                llm.close()
+            if backend == "mlx":
+                chats.append(row)
         print_table(
-            f"Time to first token, {args.turns}-turn conversation sent whole each turn (60-word messages)",
+            f"Time to first token, a {args.turns}-turn conversation sent whole each turn ({args.words}-word "
+            f"messages, Qwen3.5-shaped 4-bit, {size:.0f} MB, {device})",
             ["backend", "engine", "turn 1 ms", f"turn {args.turns} ms", "ratio", f"tokens read at turn {args.turns}"],
             chats,
         )
-        print_table(
-            "Projection (not measured): Qwen3.6-27B 4-bit, 4k context, M4 Max 546 GB/s, bandwidth-bound steps",
-            ["streams", "aggregate tok/s", "vs 1 stream"],
-            [[n, *projection(n)] for n in STREAMS],
-        )
+    print_table(
+        "Projection (not measured): Qwen3.6-27B 4-bit, 4k context, M4 Max 546 GB/s, bandwidth-bound steps",
+        ["streams", "aggregate tok/s", "vs 1 stream"],
+        [[n, *projection(n)] for n in STREAMS],
+    )
 
 
 if __name__ == "__main__":

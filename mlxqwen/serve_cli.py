@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="mlx, llama.cpp, or auto (default; as mlxqwen chat)"
     )
+    p.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
     p.set_defaults(func=run)
 
 
@@ -73,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     except (APIError, ModelNotFoundError) as e:
         return fail(str(e))
     engine = {k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v}
-    loader = functools.partial(load, backend=args.backend, max_context=args.max_context, **engine)
+    loader = functools.partial(
+        load, backend=args.backend, max_context=args.max_context, mtp=False if args.no_mtp else "auto", **engine
+    )
 
     log_to_stderr()
     try:

@@ -151,3 +151,25 @@ def test_head_loading(headed, tmp_path):
     qwen3 = save_checkpoint(build_reference("qwen3", vocab_size=151936), tmp_path / "qwen3")
     with pytest.raises(ModelLoadError, match="an MTP head needs a Qwen3.5-family model"):
         mlxqwen.load(qwen3, mtp=tmp_path / "head")
+
+
+def test_servers_report_the_guesses():
+    from mlxqwen.server.ollama_api import _final
+    from mlxqwen.server.openai_api import _usage
+
+    llm = mlxqwen.load(model_path("mlx"), backend="mlx", mtp_depth=2)
+    done = last(llm.stream("What is 37 + 48?", max_tokens=60))
+    assert done.stats.draft_tokens > 0
+    details = _usage(done)["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] == done.stats.accepted_tokens
+    assert details["rejected_prediction_tokens"] == done.stats.draft_tokens - done.stats.accepted_tokens
+
+    class Finished:  # what Ollama's last chunk is made from
+        load_seconds = 0.0
+
+    Finished.done = done
+    final = _final(Finished(), 0.0)
+    assert (final["draft_count"], final["draft_accepted_count"]) == (
+        done.stats.draft_tokens,
+        done.stats.accepted_tokens,
+    )

@@ -150,6 +150,8 @@ def _final(generation: Generation, request_start: float) -> dict[str, Any]:
         "prompt_eval_duration": int(s.ttft * 1e9),
         "eval_count": s.generated_tokens,
         "eval_duration": int(eval_seconds * 1e9),
+        "draft_count": s.draft_tokens,  # tokens the MTP head guessed, and of them kept
+        "draft_accepted_count": s.accepted_tokens,
     }
 
 

@@ -51,6 +51,11 @@ def _usage(done: Done) -> dict[str, Any]:
         "completion_tokens": s.generated_tokens,
         "total_tokens": prompt + s.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+        # the MTP head's guesses: kept, and refused (OpenAI's names for predicted tokens)
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": s.accepted_tokens,
+            "rejected_prediction_tokens": s.draft_tokens - s.accepted_tokens,
+        },
     }
 
 
