@@ -18,9 +18,12 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
+from .. import memory
+from ..config import parse_yarn
 from ..engine import Backend
 from ..errors import ModelLoadError
 
@@ -107,6 +110,7 @@ def load(
     backend: str = "auto",
     max_context: int | None = None,
     kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
     check_memory: bool = True,
 ) -> Backend:
     """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
@@ -119,21 +123,45 @@ def load(
         always maps them).
     max_context: longest conversation in tokens (default: the longest that fits in memory,
         at most the model's own; on llama.cpp, which allocates it up front, at most 32,768).
+        A context past the one the model was trained for is refused unless `rope_scaling`
+        extends it.
     kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
+    rope_scaling: extend the context with YaRN as Qwen documents it, e.g.
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}: the
+        model then handles factor x original tokens (original defaults to the model's own).
     check_memory: refuse, before reading any weight, a model and context that would not fit
         in this machine's memory (see `mlxqwen.memory`).
     """
     choice = choose(Path(path).expanduser(), backend)
     if choice.note:
         logger.warning(choice.note)
+    options = dict(max_context=max_context, kv_bits=kv_bits, rope_scaling=rope_scaling, check_memory=check_memory)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
-        return llama_cpp.load(
-            choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-        )
+        return llama_cpp.load(choice.path, dtype=dtype, **options)
     from . import mlx
 
-    return mlx.load(
-        choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-    )
+    return mlx.load(choice.path, dtype=dtype, lazy=lazy, **options)
+
+
+def sizing(
+    path: str | Path,
+    backend: str = "auto",
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+) -> tuple[Choice, memory.Sizing]:
+    """The runtime `load` would choose for the model in `path`, and the memory policy's view of it
+    there, reading no weight: a GGUF file's header, a checkpoint's tensor headers, or a directory's
+    config.json alone (a model not downloaded yet runs on MLX)."""
+    yarn = parse_yarn(rope_scaling)
+    choice = choose(Path(path).expanduser(), backend)
+    if choice.backend == "llama.cpp":
+        from . import llama_cpp
+
+        return choice, llama_cpp.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn)
+    from . import mlx
+
+    return choice, mlx.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn)

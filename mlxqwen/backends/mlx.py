@@ -12,10 +12,10 @@ import mlx.nn as nn
 
 from .. import memory
 from ..cache import KVCache, QuantizedKVCache
-from ..config import ModelConfig
+from ..checkpoint import has_weights
+from ..config import ModelConfig, Yarn, parse_yarn
 from ..engine import Backend, GenerationOptions
-from ..errors import InsufficientMemoryError
-from ..loader import default_dtype, load_model
+from ..loader import default_dtype, load_model, model_from_config
 from ..sampling import recommended_sampling
 from ..tokenizer import Tokenizer, read_json
 
@@ -31,17 +31,14 @@ class LLM(Backend):
     defaults: GenerationOptions = field(default_factory=GenerationOptions)
     max_context: int = 0  # 0: the model's max_position_embeddings
     kv_bits: int | None = None  # store K/V in 8 or 4 bits
-    kv_group_size: int = 64
+    kv_group_size: int = field(init=False, default=64)  # for kv_bits: the one the memory estimate counts
 
     def __post_init__(self) -> None:
         self.max_context = self.max_context or self.config.max_position_embeddings
         if self.kv_bits is not None:
             if self.kv_bits not in (4, 8):
                 raise ValueError(f"kv_bits={self.kv_bits}: K/V quantization takes 4 or 8 bits")
-            if self.config.head_dim % self.kv_group_size:
-                raise ValueError(
-                    f"kv_bits: head_dim {self.config.head_dim} is not a multiple of the group size {self.kv_group_size}"
-                )
+            self.kv_group_size = memory.kv_group_size(self.config.head_dim)
 
     def new_cache(self) -> list[Any]:
         cache = self.model.make_cache()
@@ -78,24 +75,34 @@ def load(
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
+    rope_scaling: dict[str, Any] | None = None,
 ) -> LLM:
     """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True)
+    model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling))
     tokenizer = Tokenizer.from_dir(path)
-    sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype or default_dtype(), kv_bits=kv_bits)
-    if max_context is None:
-        max_context = memory.largest_context(config, **sizing)
-        if check_memory and max_context < min(4096, config.max_position_embeddings):
-            plan = memory.estimate(config, min(4096, config.max_position_embeddings), **sizing)
-            raise InsufficientMemoryError(f"{path}: {plan.verdict}; use a smaller or more quantized model")
-        max_context = max_context or config.max_position_embeddings
-    elif check_memory:
-        plan = memory.estimate(config, max_context, **sizing)
-        if not plan.fits:
-            fits = memory.largest_context(config, **sizing)
-            hint = f"max_context={fits} fits" if fits else "use a smaller or more quantized model"
-            raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}; {hint}")
+    plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+    max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
     if not lazy:
         mx.eval(model.parameters())
     defaults = GenerationOptions(**recommended_sampling(read_json(path / "generation_config.json")))
     return LLM(model, tokenizer, config, path, defaults, max_context, kv_bits)
+
+
+def model_sizing(
+    model: nn.Module, config: ModelConfig, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None
+) -> memory.Sizing:
+    """The memory policy's view of a model (built lazily, weights not read) as `load` runs it."""
+    weights, dtype = memory.weight_bytes(model), dtype or default_dtype()
+    return memory.mlx_sizing(config, weights=weights, dtype=dtype, kv_bits=kv_bits, prefill_chunk=LLM.prefill_chunk)
+
+
+def sizing(
+    path: Path, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None, yarn: Yarn | None = None
+) -> memory.Sizing:
+    """The memory policy's view of the model in `path` as `load` runs it, reading no weight: from
+    the checkpoint's tensor headers, or from config.json alone when the weights are not there yet."""
+    if has_weights(path):
+        model, config = load_model(path, dtype=dtype, lazy=True, yarn=yarn)
+    else:
+        model, config = model_from_config(path, dtype=dtype, yarn=yarn)
+    return model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
