@@ -264,12 +264,14 @@ class Engine:
     # --- the engine thread ------------------------------------------------------------------
 
     def _stop_and_wait(self, timeout: float) -> None:
-        """Cancel every request, drop pending work and wait for the engine thread to be idle."""
+        """Cancel every request, drop pending work, wait for the engine thread to be idle and the
+        prefix cache's files to be written."""
         with self._lock:
             self._stopping = True
             for stream in [*self._incoming, *self._waiting, *self._active]:
                 stream.handle.cancel()
             self._lock.wait_for(lambda: self._idle, timeout)
+        self.prefix_cache.flush()  # a writer thread cut off by the interpreter's end aborts the process
 
     def _run(self) -> None:
         # One thread for the engine's life: MLX arrays are bound to the thread that made them.

@@ -9,6 +9,10 @@ class InsufficientMemoryError(ModelLoadError):
     """The model, at the context asked for, would not fit in this machine's memory."""
 
 
+class ChatTemplateError(ModelLoadError):
+    """The model's chat template fails: at load on a probe conversation, or on a conversation."""
+
+
 class ContextLimitError(ValueError):
     """The conversation would not fit in the model's maximum context."""
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .backends import BACKENDS
@@ -16,6 +17,37 @@ from .errors import ContextLimitError, ModelLoadError
 from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
 GiB = 1024**3
+BACKEND_HELP = "mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights"
+
+
+def rope_scaling_arg(text: str) -> dict:
+    """--rope-scaling: a JSON object, as Qwen's model cards write it for vLLM."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a JSON object; for example \'{{"rope_type": "yarn", "factor": 4.0}}\''
+        )
+    return value
+
+
+def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context") -> None:
+    """--max-context (or fit's --context), --kv-bits, --rope-scaling and --backend: what `mlxqwen.load` takes."""
+    if context_flag == "--max-context":
+        parser.add_argument(
+            "--max-context", type=int, help="context limit in tokens (default: the longest that fits in memory)"
+        )
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
+    parser.add_argument(
+        "--rope-scaling",
+        type=rope_scaling_arg,
+        metavar="JSON",
+        help='extend the context with YaRN, e.g. \'{"rope_type": "yarn", "factor": 4.0}\' '
+        "(optionally with original_max_position_embeddings, the trained context)",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,21 +65,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--show-thinking", action="store_true", help="stream the thinking to stderr")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, tool calls, stats)")
-    gen.add_argument("--max-context", type=int, help="context limit in tokens (default: what fits in memory)")
-    gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
-    gen.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights",
-    )
+    add_context_options(gen)
     gen.set_defaults(func=run_generate)
 
-    fit = subparsers.add_parser("fit", help="check that a model fits in memory", description="Memory estimate.")
-    fit.add_argument("model", type=Path, help="model directory")
+    fit = subparsers.add_parser(
+        "fit",
+        help="check that a model fits in memory",
+        description="Memory estimate, as mlxqwen.load checks it. MODEL may be a model directory (a config.json "
+        "alone will do: the weights' size follows from it), a .gguf file, or a directory with GGUF weights.",
+    )
+    fit.add_argument("model", type=Path, help="model directory or .gguf file")
     fit.add_argument("--context", type=int, help="context length in tokens (default: the model's maximum)")
-    fit.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized K/V cache")
+    add_context_options(fit, "--context")
     fit.set_defaults(func=run_fit)
+
+
+def _error(console: Console, error: Exception) -> None:
+    """One line, as the error says it (no wrapping, no markup read into it)."""
+    console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -64,7 +99,13 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     try:
         with err.status(f"Loading {args.model}"):
-            llm = load(args.model, backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
+            llm = load(
+                args.model,
+                backend=args.backend,
+                max_context=args.max_context,
+                kv_bits=args.kv_bits,
+                rope_scaling=args.rope_scaling,
+            )
         events = llm.stream(
             prompt,
             system=args.system,
@@ -75,7 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
         done = _print_events(events, args, err)
     except (ModelLoadError, ContextLimitError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
+        _error(err, e)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -126,33 +167,40 @@ def _print_events(events, args: argparse.Namespace, err: Console) -> Done:
 
 def run_fit(args: argparse.Namespace) -> int:
     from . import memory
-    from .loader import default_dtype, load_model
+    from .backends import sizing
+    from .config import yarn_hint
 
     console = Console()
     try:
-        model, config = load_model(args.model, lazy=True)
-    except ModelLoadError as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
+        choice, plan = sizing(args.model, args.backend, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
+        context = args.context or plan.limit
+        estimate = plan.estimate(context)
+    except (ModelLoadError, ValueError) as e:
+        _error(Console(stderr=True), e)
         return 1
-    context = args.context or config.max_position_embeddings
-    sizing = dict(weights=memory.weight_bytes(model), dtype=default_dtype(), kv_bits=args.kv_bits)
-    plan = memory.estimate(config, context, **sizing)
-    console.print(f"{args.model} with {context:,} tokens of context")
-    if context > config.max_position_embeddings:
-        console.print(f"[yellow]the model is made for at most {config.max_position_embeddings:,} tokens[/]")
+    runtime = "llama.cpp" if choice.backend == "llama.cpp" else "MLX"
+    console.print(f"{choice.path} on {runtime} with {context:,} tokens of context", soft_wrap=True, highlight=False)
     table = Table(show_header=False)
     for name, value in [
-        ("weights", plan.weights),
-        ("K/V cache" + (f" ({args.kv_bits}-bit)" if args.kv_bits else ""), plan.kv_cache),
-        ("recurrent state", plan.recurrent_state),
-        ("working memory", plan.working),
-        ("total", plan.total),
-        ("this machine allows", plan.budget),
+        ("weights", estimate.weights),
+        ("K/V cache" + (f" ({args.kv_bits}-bit)" if args.kv_bits else ""), estimate.kv_cache),
+        ("recurrent state", estimate.recurrent_state),
+        ("working memory", estimate.working),
+        ("runtime", estimate.runtime),
+        ("total", estimate.total),
+        ("this machine allows", estimate.budget),
     ]:
         table.add_row(name, f"{value / GiB:.2f} GiB")
     console.print(table)
-    console.print(("[green]" if plan.fits else "[red]") + plan.verdict)
-    if not plan.fits:
-        longest = memory.largest_context(config, **sizing)
+    if context > plan.limit:
+        console.print(
+            f"[red]past the {plan.limit:,} tokens this model handles[/]; {escape(yarn_hint(context, plan.trained))}",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return 1
+    console.print(("[green]" if estimate.fits else "[red]") + estimate.verdict)
+    if not estimate.fits:
+        longest = memory.largest_context(plan)
         console.print(f"longest context that fits: {longest:,} tokens" if longest else "no context fits")
-    return 0 if plan.fits else 1
+    return 0 if estimate.fits else 1

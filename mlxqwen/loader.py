@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,11 +10,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import read_config, read_weights
-from .config import ModelConfig, parse_config
+from .config import ModelConfig, Yarn, parse_config, with_yarn
 from .errors import ModelLoadError
 from .models import build_model
 
 # Parameters that lose accuracy outside fp32 (the decay exponent of Gated DeltaNet).
+log = logging.getLogger("mlxqwen")
+
 _KEEP_FP32 = ("A_log",)
 
 
@@ -60,6 +63,50 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[s
             )
 
 
+def _config(path: Path, yarn: Yarn | None) -> ModelConfig:
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a model directory")
+    cfg = parse_config(read_config(path), str(path / "config.json"))
+    return cfg if yarn is None else with_yarn(cfg, yarn)
+
+
+def converted_size_model(
+    cfg: ModelConfig, recipe: str, group_size: int = 64, dtype: mx.Dtype | None = None
+) -> nn.Module:
+    """The model as `mlxqwen convert` would write it with `recipe`, built lazily from the config
+    alone (no weight is read or computed): for its size before anything is downloaded."""
+    from mlxqwen.convert import RECIPES
+
+    plan = RECIPES[recipe]
+    model = build_model(cfg)
+    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), dtype or default_dtype()).items()))
+
+    def bits(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        b = plan.bits_for(f"{path}.weight", module.weight.shape, group_size, cfg.num_hidden_layers)
+        return {"group_size": group_size, "bits": b, "mode": "affine"} if b else False
+
+    nn.quantize(model, class_predicate=bits)
+    return model
+
+
+def model_from_config(
+    path: str | Path, dtype: mx.Dtype | None = None, yarn: Yarn | None = None
+) -> tuple[nn.Module, ModelConfig]:
+    """The model config.json describes, as `load_model` would hold it but without weights (what a
+    user has before downloading them), for its size: an MLX model's `quantization` as our
+    converter applies those bits, else unquantized in `dtype`."""
+    path = Path(path).expanduser()
+    cfg = _config(path, yarn)
+    q = cfg.quantization or {}
+    recipe = f"{q['bits']}bit" if q.get("bits") else "none"
+    try:
+        return converted_size_model(cfg, recipe, q.get("group_size", 64), dtype), cfg
+    except KeyError:
+        raise ModelLoadError(f"{path / 'config.json'}: quantization bits={q['bits']} is not supported") from None
+
+
 def _mtp_weights(
     path: Path, cfg: ModelConfig, weights: dict[str, mx.array], mtp: bool | str | Path
 ) -> tuple[dict[str, mx.array], dict[str, Path]]:
@@ -88,21 +135,31 @@ def _mtp_weights(
     return head, origin
 
 
+def _has_whole_head(model: nn.Module, weights: dict[str, mx.array]) -> bool:
+    return all(f"mtp.{k}" in weights for k, _ in tree_flatten(model.mtp.parameters()))
+
+
 def load_model(
-    path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False, mtp: bool | str | Path = False
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    yarn: Yarn | None = None,
+    mtp: bool | str | Path = False,
 ) -> tuple[nn.Module, ModelConfig]:
-    """The model of a checkpoint directory and its config. mtp: also Qwen3.5's multi-token-prediction
-    head (see `_mtp_weights`); `model.mtp` holds it when loaded."""
+    """A checkpoint directory as a model and its config. yarn: YaRN context extension. mtp: also
+    Qwen3.5's multi-token-prediction head (see `_mtp_weights`); `model.mtp` holds it when loaded."""
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: not a model directory")
-    cfg = parse_config(read_config(path), str(path / "config.json"))
+    cfg = _config(path, yarn)
     raw, origin = read_weights(path)
     head, head_origin = _mtp_weights(path, cfg, raw, mtp)
     model = build_model(cfg, mtp=bool(head))
     raw.update(head)
     origin.update(head_origin)
     weights = model.sanitize(raw)
+    if head and mtp == "auto" and not _has_whole_head(model, weights):
+        log.warning("%s: the checkpoint's MTP head is incomplete; loading the model without it", path)
+        model = build_model(cfg)
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
     _quantize_for(model, cfg, weights)
     check_weights(model, weights, origin, path)
     model.load_weights(list(cast_weights(weights, dtype or default_dtype()).items()))

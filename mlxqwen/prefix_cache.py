@@ -10,7 +10,8 @@ a `ChatSession` holds, stay). With a directory, every entry is also written ther
 a background thread, temporary name then rename) under a byte budget of its own, in a folder
 named after the model's identity, so a restart or another process finds it. A file that cannot
 be read, or holds what does not fit the model, is deleted and ignored. The writer thread only
-copies bytes (MLX stays in the engine's thread) and outlives the caller until its queue is empty."""
+copies bytes (MLX stays in the engine's thread) and runs while it has files to write; the
+engine waits for it when the process ends."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,8 @@ class PrefixCache:
             self.directory = Path(directory) / hashlib.sha256(identity.encode()).hexdigest()[:24]
             self.disk_budget = disk_budget
             self._identity = identity
-            self._writes: queue.SimpleQueue = queue.SimpleQueue()
-            self._writer: threading.Thread | None = None
+            self._writes: deque[tuple[Path, dict]] = deque()  # under _lock
+            self._writer: threading.Thread | None = None  # alive while _writes has work
             self._scan()
 
     @property
@@ -224,18 +224,26 @@ class PrefixCache:
         for name, a in arrays.items():
             dtype, holder = _DTYPES[a.dtype]
             views[name] = (dtype, a.shape, np.asarray(a.view(holder)))
-        self._writes.put((entry.file, views))
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._write_files, name="mlxqwen-prefix-writer")
-            self._writer.start()
+        with self._lock:
+            self._writes.append((entry.file, views))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_files, name="mlxqwen-prefix-writer")
+                self._writer.start()
+
+    def flush(self) -> None:
+        """Wait until every entry handed to the writer is on disk."""
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.join()
 
     def _write_files(self) -> None:
         metadata = {"format": FORMAT, "identity": self._identity}
         while True:
-            try:
-                file, views = self._writes.get(timeout=0.5)
-            except queue.Empty:
-                return
+            with self._lock:
+                if not self._writes:
+                    self._writer = None
+                    return
+                file, views = self._writes.popleft()
             temporary = file.with_name(f".{file.stem}.partial")
             specs = {
                 name: TensorSpec(dtype=dtype, shape=shape, data_ptr=v.ctypes.data, data_len=v.nbytes)

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from . import memory
+from .backends.mlx import model_sizing
 from .config import ModelConfig, parse_config
 from .errors import ModelLoadError
 from .library import models_dir
-from .loader import cast_weights, default_dtype, load_model
-from .models import build_model
+from .loader import converted_size_model, load_model
 from .tokenizer import read_json
 
 
@@ -70,31 +69,11 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
         raise PullError(f"{repo_id}: download failed ({e})") from None
 
 
-def converted_size_model(cfg: ModelConfig, recipe: str, group_size: int = 64) -> nn.Module:
-    """The model as the recipe would convert it, built lazily from the config alone (no weight
-    is read or computed): what `memory.estimate` needs before anything is downloaded."""
-    from mlxqwen.convert import RECIPES
-
-    plan = RECIPES[recipe]
-    model = build_model(cfg)
-    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), default_dtype()).items()))
-
-    def bits(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        b = plan.bits_for(f"{path}.weight", module.weight.shape, group_size, cfg.num_hidden_layers)
-        return {"group_size": group_size, "bits": b, "mode": "affine"} if b else False
-
-    nn.quantize(model, class_predicate=bits)
-    return model
-
-
 def _fit(model: nn.Module, cfg: ModelConfig) -> tuple[memory.MemoryEstimate, bool]:
-    """The estimate at the longest context that fits, and whether the usual minimum (4096) fits."""
-    sizing = dict(weights=memory.weight_bytes(model), dtype=default_dtype())
-    longest = memory.largest_context(cfg, **sizing)
-    minimum = min(4096, cfg.max_position_embeddings)
-    return memory.estimate(cfg, max(longest, minimum), **sizing), longest >= minimum
+    """The estimate at the longest context that fits, and whether the least context worth running fits."""
+    sizing = model_sizing(model, cfg)
+    longest, least = memory.largest_context(sizing), memory.minimum_context(sizing)
+    return sizing.estimate(max(longest, least)), longest >= least
 
 
 def pull(

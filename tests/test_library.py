@@ -150,8 +150,7 @@ def test_pull_refuses_a_model_that_will_not_fit_before_downloading(env, hf_model
 
 def test_converted_size_model_matches_the_converted_model(env, hf_model):
     from mlxqwen.config import parse_config
-    from mlxqwen.loader import load_model
-    from mlxqwen.pull import converted_size_model
+    from mlxqwen.loader import converted_size_model, load_model
     from mlxqwen.tokenizer import read_json
 
     cfg = parse_config(read_json(hf_model / "config.json"))

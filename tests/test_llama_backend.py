@@ -15,7 +15,7 @@ import pytest
 from checkpoints import build_reference, save_checkpoint
 
 import mlxqwen
-from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta
+from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta, memory
 from mlxqwen.llm import last
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -30,6 +30,7 @@ from test_tui import SIZE, answered, anyio_backend, conversation, isolated, read
 
 from mlxqwen import backends  # noqa: E402
 from mlxqwen.backends import llama_cpp as llama_cpp_backend  # noqa: E402
+from mlxqwen.backends import sizing  # noqa: E402
 
 ARCHS = ["qwen2", "qwen3", "qwen3_moe", "qwen3_5_text", "qwen3_5_moe_text"]
 TOKENS = [int(t) for t in np.random.RandomState(2).randint(0, 151_600, 24)]
@@ -327,8 +328,13 @@ def test_load_errors_and_memory(models, tmp_path, monkeypatch):
     fake.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(ModelLoadError, match="fake.gguf: not a GGUF file"):
         mlxqwen.load(fake)
+    data = models["qwen3"][1].read_bytes()
+    header = tmp_path / "header.gguf"
+    header.write_bytes(data[:100_000])
+    with pytest.raises(ModelLoadError, match="header.gguf: truncated GGUF header$"):
+        mlxqwen.load(header)
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(models["qwen3"][1].read_bytes()[:100_000])
+    broken.write_bytes(data[:-100_000])
     with pytest.raises(ModelLoadError, match=r"broken.gguf: llama.cpp cannot load this model \(.+\)$") as info:
         mlxqwen.load(broken)
     assert "\n" not in str(info.value)
@@ -345,9 +351,15 @@ def test_load_errors_and_memory(models, tmp_path, monkeypatch):
         mlxqwen.load(gguf, kv_bits=8)
     with pytest.raises(ValueError, match="kv_bits=6"):
         mlxqwen.load(gguf, kv_bits=6)
-    monkeypatch.setattr(mlxqwen.memory, "memory_budget", lambda: int(1.25 * mlxqwen.memory.GiB))
-    with pytest.raises(InsufficientMemoryError, match="max_context=4000000 the model does not fit"):
+    with pytest.raises(ModelLoadError, match="max_context=4000000 is past the 4,096 tokens this model handles"):
         mlxqwen.load(gguf, max_context=4_000_000)
-    monkeypatch.setattr(mlxqwen.memory, "memory_budget", lambda: mlxqwen.memory.GiB)
-    with pytest.raises(InsufficientMemoryError, match="does not fit"):
+    budget = memory.GiB + sizing(gguf)[1].estimate(0).runtime
+    monkeypatch.setattr(memory, "memory_budget", lambda: budget)
+    yarn = {"rope_type": "yarn", "factor": 1000}
+    with pytest.raises(
+        InsufficientMemoryError, match=r"max_context=4000000 the model does not fit.*; max_context=\d+ fits$"
+    ):
+        mlxqwen.load(gguf, max_context=4_000_000, rope_scaling=yarn)
+    monkeypatch.setattr(memory, "memory_budget", lambda: memory.GiB // 2)
+    with pytest.raises(InsufficientMemoryError, match="at 1024 tokens of context the model does not fit"):
         mlxqwen.load(gguf)

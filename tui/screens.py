@@ -103,8 +103,6 @@ class ModelPicker(ModalScreen[Path | None]):
     async def estimate_all(self) -> None:
         table = self.table
         for m in self.models:
-            if m.format != "mlx":
-                continue
             try:
                 plan = await self.estimate(m.path)
                 need = f"{plan.total / GiB:.1f}/{plan.budget / GiB:.0f} GiB"

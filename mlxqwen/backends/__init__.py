@@ -18,10 +18,13 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from platformdirs import user_cache_dir
 
+from .. import memory
+from ..config import parse_yarn
 from ..errors import ModelLoadError
 from ..llm import LLM
 from ..memory import memory_budget
@@ -111,6 +114,7 @@ def load(
     backend: str = "auto",
     max_context: int | None = None,
     kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
     check_memory: bool = True,
     max_concurrent: int = 8,
     max_queue: int = 64,
@@ -129,7 +133,12 @@ def load(
         always maps them).
     max_context: longest conversation in tokens (default: the longest that fits in memory,
         at most the model's own; on llama.cpp, which allocates it up front, at most 32,768).
+        A context past the one the model was trained for is refused unless `rope_scaling`
+        extends it.
     kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
+    rope_scaling: extend the context with YaRN as Qwen documents it, e.g.
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}: the
+        model then handles factor x original tokens (original defaults to the model's own).
     check_memory: refuse, before reading any weight, a model and context that would not fit
         in this machine's memory (see `mlxqwen.memory`).
     max_concurrent: sequences generated together; max_queue: requests waiting beyond those
@@ -148,32 +157,43 @@ def load(
     choice = choose(Path(path).expanduser(), backend)
     if choice.note:
         logger.warning(choice.note)
+    options = dict(max_context=max_context, kv_bits=kv_bits, rope_scaling=rope_scaling, check_memory=check_memory)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
-        runtime = llama_cpp.load(
-            choice.path,
-            dtype=dtype,
-            max_context=max_context,
-            kv_bits=kv_bits,
-            check_memory=check_memory,
-            n_seq_max=max_concurrent + 1,  # and one to compute next turns' states
-        )
+        # a sequence for each running request, and one to compute next turns' states
+        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, **options)
     else:
         from . import mlx
 
-        runtime = mlx.load(
-            choice.path,
-            dtype=dtype,
-            lazy=lazy,
-            max_context=max_context,
-            kv_bits=kv_bits,
-            check_memory=check_memory,
-            mtp=mtp,
-        )
+        runtime = mlx.load(choice.path, dtype=dtype, lazy=lazy, mtp=mtp, **options)
     if prefix_cache is True:
         prefix_cache = min(4 << 30, memory_budget() // 8)
     if prefix_cache_dir is True:
         prefix_cache_dir = Path(user_cache_dir("mlxqwen")) / "prefix-cache"
     cache = PrefixCache(runtime, int(prefix_cache), Path(prefix_cache_dir) if prefix_cache_dir else None)
     return LLM(runtime, cache, max_concurrent, max_queue, mtp_depth)
+
+
+def sizing(
+    path: str | Path,
+    backend: str = "auto",
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+    max_concurrent: int = 8,
+) -> tuple[Choice, memory.Sizing]:
+    """The runtime `load` would choose for the model in `path`, and the memory policy's view of it
+    there, reading no weight: a GGUF file's header, a checkpoint's tensor headers, or a directory's
+    config.json alone (a model not downloaded yet runs on MLX)."""
+    yarn = parse_yarn(rope_scaling)
+    choice = choose(Path(path).expanduser(), backend)
+    if choice.backend == "llama.cpp":
+        from . import llama_cpp
+
+        plan = llama_cpp.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=max_concurrent + 1)
+        return choice, plan
+    from . import mlx
+
+    return choice, mlx.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn)

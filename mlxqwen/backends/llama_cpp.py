@@ -35,25 +35,24 @@ import numpy as np
 
 from .. import memory
 from ..chat_template import ChatTemplate
-from ..errors import InsufficientMemoryError, ModelLoadError
+from ..config import Yarn, parse_yarn
+from ..errors import ModelLoadError
 from ..sampling import GenerationOptions, recommended_sampling
 from ..tokenizer import Tokenizer, read_json
 from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest
-_WORKING = memory.GiB  # llama.cpp's compute buffers, the logits, the tokenizer, the runtime
 
-# K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`); bytes per value
-_GGML_BF16 = 30
-_KV_TYPES = {mx.float32: llama.GGML_TYPE_F32, mx.float16: llama.GGML_TYPE_F16, mx.bfloat16: _GGML_BF16}
-_KV_BITS = {8: llama.GGML_TYPE_Q8_0, 4: llama.GGML_TYPE_Q4_0}
-_VALUE_BYTES = {
-    llama.GGML_TYPE_F32: 4.0,
-    llama.GGML_TYPE_F16: 2.0,
-    _GGML_BF16: 2.0,
-    llama.GGML_TYPE_Q8_0: 34 / 32,
-    llama.GGML_TYPE_Q4_0: 18 / 32,
+# K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`)
+_KV_TYPES = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16"}
+_KV_BITS = {8: "q8_0", 4: "q4_0"}
+_GGML_TYPES = {
+    "f32": llama.GGML_TYPE_F32,
+    "f16": llama.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16, which llama-cpp-python does not name
+    "q8_0": llama.GGML_TYPE_Q8_0,
+    "q4_0": llama.GGML_TYPE_Q4_0,
 }
 
 _GGML_LOG_ERROR = 4  # ggml's current numbering (llama-cpp-python's own log hook still has the old one)
@@ -309,46 +308,41 @@ def _sampling(model: Any, path: Path) -> dict[str, Any]:
     return values or recommended_sampling(read_json(path.parent / "generation_config.json"))
 
 
-def _kv_bytes_per_token(model: Any, kv_type: int) -> float:
-    arch = _meta(model, "general.architecture")
-    layers = llama.llama_model_n_layer(model)
-    if llama.llama_model_is_hybrid(model):  # Qwen3.5/3.6: one full-attention layer in 4
-        layers //= int(_meta(model, f"{arch}.full_attention_interval") or 4)
-    head = llama.llama_model_n_embd(model) // llama.llama_model_n_head(model)
-    k = int(_meta(model, f"{arch}.attention.key_length") or head)
-    v = int(_meta(model, f"{arch}.attention.value_length") or head)
-    return layers * llama.llama_model_n_head_kv(model) * (k + v) * _VALUE_BYTES[kv_type]
+def kv_cache_type(dtype: mx.Dtype | None = None, kv_bits: int | None = None) -> str:
+    """llama.cpp's K/V cache type for `load`'s dtype and kv_bits (default f16, llama.cpp's)."""
+    if kv_bits is not None and kv_bits not in _KV_BITS:
+        raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
+    if dtype is not None and dtype not in _KV_TYPES:
+        raise ValueError(f"dtype={dtype}: llama.cpp's K/V cache takes float32, float16 or bfloat16")
+    return _KV_BITS[kv_bits] if kv_bits else _KV_TYPES[dtype or mx.float16]
 
 
-def _estimate(model: Any, context: int, kv_type: int) -> memory.MemoryEstimate:
-    return memory.MemoryEstimate(
-        context=context,
-        weights=llama.llama_model_size(model),
-        kv_cache=int(-(-context // 256) * 256 * _kv_bytes_per_token(model, kv_type)),
-        recurrent_state=0,  # within the working allowance (Qwen3.6-27B's: about 150 MB)
-        working=_WORKING,
-        budget=memory.memory_budget(),
+def _outputs(n_seq_max: int, rollback: int) -> int:
+    """Logits one llama_decode call gives: every position of a verify over all sequences. llama.cpp
+    sizes its compute and output buffers for this many (n_outputs_max) and aborts on more."""
+    return n_seq_max * (rollback + 1)
+
+
+def sizing(
+    path: Path,
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    yarn: Yarn | None = None,
+    n_seq_max: int = 1,
+    rollback: int = 0,
+) -> memory.Sizing:
+    """The memory policy's view of a GGUF model as `load` runs it, from the file's header."""
+    return memory.llama_sizing(
+        memory.GGUFModel.read(path),
+        yarn=yarn,
+        kv_type=kv_cache_type(dtype, kv_bits),
+        n_seq_max=n_seq_max,
+        kv_unified=True,
+        n_batch=PREFILL_CHUNK,
+        n_ubatch=PREFILL_CHUNK,
+        n_outputs=_outputs(n_seq_max, rollback),
     )
-
-
-def _context(model: Any, path: Path, max_context: int | None, kv_type: int, check_memory: bool) -> int:
-    """The context to allocate: `max_context`, checked; by default the model's own, at most
-    DEFAULT_CONTEXT, and no more than fits in memory."""
-    trained = llama.llama_model_n_ctx_train(model)
-    if max_context is not None:
-        plan = _estimate(model, max_context, kv_type)
-        if check_memory and not plan.fits:
-            raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}")
-        return max_context
-    context = min(trained, DEFAULT_CONTEXT)
-    if not check_memory:
-        return context
-    plan = _estimate(model, 0, kv_type)
-    fits = int((plan.budget - plan.total) / _kv_bytes_per_token(model, kv_type)) // 256 * 256
-    if fits < min(4096, context):
-        plan = _estimate(model, min(4096, context), kv_type)
-        raise InsufficientMemoryError(f"{path}: {plan.verdict}; use a smaller or more quantized model")
-    return min(context, fits)
 
 
 def load(
@@ -359,6 +353,7 @@ def load(
     kv_bits: int | None = None,
     check_memory: bool = True,
     n_threads: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
     n_seq_max: int = 1,
     rollback: int = 0,
 ) -> LlamaCppRuntime:
@@ -367,37 +362,40 @@ def load(
     dtype: the K/V cache's type (default float16, llama.cpp's). kv_bits: a K/V cache in
     8-bit (Q8_0) or 4-bit (Q4_0) blocks instead. max_context: tokens of context to allocate,
     shared by all sequences (default: the model's own, at most DEFAULT_CONTEXT, no more than
-    fits in memory). n_threads: CPU threads (default: `default_threads`). n_seq_max: sequences
-    at once. rollback: recurrent states kept per sequence to undo that many tokens (speculative
-    decoding on Qwen3.5/3.6)."""
+    fits in memory; checked against memory before llama.cpp reads the model). rope_scaling:
+    YaRN context extension (see `mlxqwen.load`). n_threads: CPU threads (default:
+    `default_threads`). n_seq_max: sequences at once. rollback: recurrent states kept per
+    sequence to undo that many tokens (speculative decoding on Qwen3.5/3.6)."""
     path = Path(path).expanduser()
-    if kv_bits is not None and kv_bits not in _KV_BITS:
-        raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
-    if dtype is not None and dtype not in _KV_TYPES:
-        raise ValueError(f"dtype={dtype}: llama.cpp's K/V cache takes float32, float16 or bfloat16")
-    kv_type = _KV_BITS[kv_bits] if kv_bits else _KV_TYPES[dtype or mx.float16]
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file")
+    yarn, kv_type = parse_yarn(rope_scaling), kv_cache_type(dtype, kv_bits)
+    plan = sizing(path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=n_seq_max, rollback=rollback)
+    context = memory.choose_context(
+        plan, requested=max_context, default_cap=DEFAULT_CONTEXT, check_memory=check_memory, where=str(path)
+    )
     _errors.clear()
     model = llama.llama_model_load_from_file(str(path).encode(), model_params())
     if not model:
         raise ModelLoadError(f"{path}: llama.cpp cannot load this model ({_reason()})")
+    rope = (yarn.factor, plan.trained) if yarn else None
     try:
-        context = _context(model, path, max_context, kv_type, check_memory)
         _errors.clear()
-        ctx = _new_context(model, context, kv_type, n_threads, n_seq_max, rollback)
+        ctx = _new_context(model, context, kv_type, n_threads, rope, n_seq_max, rollback)
     except BaseException:
         llama.llama_model_free(model)
         raise
     if not ctx:
         llama.llama_model_free(model)
         raise ModelLoadError(f"{path}: llama.cpp could not make a context of {context} tokens ({_reason()})")
-    return LlamaCppRuntime(path, model, ctx, context, kv_type, rollback)
+    runtime = LlamaCppRuntime(path, model, ctx, context, kv_type, rollback)
+    template = runtime.tokenizer.chat_template
+    if template is not None:
+        template.origin = f"{path} (tokenizer.chat_template)"
+        try:
+            template.check()
+        except ModelLoadError:
+            runtime.close()
+            raise
+    return runtime
 
 
 def model_params() -> Any:
@@ -415,17 +413,32 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
-def _new_context(model: Any, n_ctx: int, kv_type: int, n_threads: int | None, n_seq_max: int, rollback: int) -> Any:
+def _new_context(
+    model: Any,
+    n_ctx: int,
+    kv_type: str,
+    n_threads: int | None,
+    yarn: tuple[float, int] | None,
+    n_seq_max: int,
+    rollback: int,
+) -> Any:
+    """A context as `sizing` describes it. yarn: (factor, trained context) of YaRN rope scaling."""
     params = llama.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = PREFILL_CHUNK
     params.n_seq_max = n_seq_max
+    params.n_outputs_max = _outputs(n_seq_max, rollback)
     params.n_rs_seq = rollback
     params.kv_unified = True  # one pool of n_ctx cells: any sequence may grow to all of it
     params.n_threads = params.n_threads_batch = n_threads or default_threads()
-    params.type_k = params.type_v = kv_type
+    params.type_k = params.type_v = _GGML_TYPES[kv_type]
     # llama.cpp's flash attention computes in float16 on a CPU: a float32 cache asks for float32 attention
-    f32 = kv_type == llama.GGML_TYPE_F32
+    f32 = kv_type == "f32"
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED if f32 else llama.LLAMA_FLASH_ATTN_TYPE_AUTO
+    if yarn is not None:
+        factor, trained = yarn
+        params.rope_scaling_type = llama.LLAMA_ROPE_SCALING_TYPE_YARN
+        params.rope_freq_scale = 1 / factor
+        params.yarn_orig_ctx = trained
     params.no_perf = False  # keeps llama.cpp's counts of evaluated tokens (llama_perf_context)
     return llama.llama_init_from_model(model, params)

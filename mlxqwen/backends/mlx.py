@@ -22,9 +22,9 @@ import mlx.nn as nn
 
 from .. import memory
 from ..cache import KVBatch, KVCache, LinearAttentionCache, QuantizedKVCache
-from ..config import ModelConfig
-from ..errors import InsufficientMemoryError
-from ..loader import default_dtype, load_model
+from ..checkpoint import has_weights
+from ..config import ModelConfig, Yarn, parse_yarn
+from ..loader import default_dtype, load_model, model_from_config
 from ..sampling import GenerationOptions, recommended_sampling
 from ..tokenizer import Tokenizer, read_json
 from .runtime import Runtime
@@ -64,15 +64,10 @@ class MLXRuntime(Runtime):
         kv_capacity: int,
         dtype: mx.Dtype,
         kv_bits: int | None = None,
-        kv_group_size: int = 64,
     ):
-        if kv_bits is not None:
-            if kv_bits not in (4, 8):
-                raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
-            if config.head_dim % kv_group_size:
-                raise ValueError(
-                    f"kv_bits: head_dim {config.head_dim} is not a multiple of the group size {kv_group_size}"
-                )
+        if kv_bits is not None and kv_bits not in (4, 8):
+            raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
+        kv_group_size = memory.kv_group_size(config.head_dim) if kv_bits else 64  # as the memory estimate counts
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.defaults, self.max_context, self.kv_capacity = defaults, max_context, kv_capacity
         self.vocab_size = config.vocab_size
@@ -339,26 +334,40 @@ def load(
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
+    rope_scaling: dict[str, Any] | None = None,
     mtp: bool | str | Path = "auto",
 ) -> MLXRuntime:
     """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True, mtp=mtp)
+    model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp)
     tokenizer = Tokenizer.from_dir(path)
     dtype = dtype or default_dtype()
-    sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype, kv_bits=kv_bits)
-    fits = memory.largest_context(config, **sizing)
-    if max_context is None:
-        if check_memory and fits < min(4096, config.max_position_embeddings):
-            plan = memory.estimate(config, min(4096, config.max_position_embeddings), **sizing)
-            raise InsufficientMemoryError(f"{path}: {plan.verdict}; use a smaller or more quantized model")
-        max_context = fits or config.max_position_embeddings
-    elif check_memory:
-        plan = memory.estimate(config, max_context, **sizing)
-        if not plan.fits:
-            hint = f"max_context={fits} fits" if fits else "use a smaller or more quantized model"
-            raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}; {hint}")
+    plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+    max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
     if not lazy:
         mx.eval(model.parameters())
     defaults = GenerationOptions(**recommended_sampling(read_json(path / "generation_config.json")))
-    capacity = max(fits, max_context) if check_memory else 1 << 40
+    # the requests running together share the K/V that the longest conversation that fits would hold
+    capacity = max(memory.largest_context(plan), max_context) if check_memory else 1 << 40
     return MLXRuntime(model, tokenizer, config, path, defaults, max_context, capacity, dtype, kv_bits)
+
+
+def model_sizing(
+    model: nn.Module, config: ModelConfig, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None
+) -> memory.Sizing:
+    """The memory policy's view of a model (built lazily, weights not read) as `load` runs it."""
+    weights, dtype = memory.weight_bytes(model), dtype or default_dtype()
+    return memory.mlx_sizing(
+        config, weights=weights, dtype=dtype, kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk
+    )
+
+
+def sizing(
+    path: Path, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None, yarn: Yarn | None = None
+) -> memory.Sizing:
+    """The memory policy's view of the model in `path` as `load` runs it, reading no weight: from
+    the checkpoint's tensor headers, or from config.json alone when the weights are not there yet."""
+    if has_weights(path):
+        model, config = load_model(path, dtype=dtype, lazy=True, yarn=yarn)
+    else:
+        model, config = model_from_config(path, dtype=dtype, yarn=yarn)
+    return model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
