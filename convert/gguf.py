@@ -232,7 +232,7 @@ def _to_llama(key: str, value: mx.array, cfg: ModelConfig) -> tuple[str, mx.arra
 
 def _canonical_weights(src: Path) -> tuple[dict[str, mx.array], ModelConfig]:
     """The checked tensors of the model as the core holds them (lazy), quantized ones dequantized."""
-    model, cfg = load_model(src, dtype=mx.float32, lazy=True)
+    model, cfg = load_model(src, dtype=mx.float32, lazy=True, fused=False)
     weights = dict(tree_flatten(model.parameters()))
     for path, module in model.named_modules():
         if "scales" in module:

@@ -11,7 +11,10 @@ import mlx.nn as nn
 
 from ..cache import KVBatch
 from ..config import ModelConfig
+from .fused import fuse, project
 from .rope import RoPE
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 class Attention(nn.Module):
@@ -31,14 +34,19 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.rope = RoPE(self.head_dim, cfg.rope, cfg.max_position_embeddings)
+        self._sizes = (q_out, *2 * [self.n_kv_heads * self.head_dim])
+
+    def fuse(self) -> None:
+        fuse(self, _PROJECTIONS)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        q, k, v = project(self, _PROJECTIONS, self._sizes, x)
+        q = q.reshape(B, L, self.n_heads, -1)
         if self.gated:
             q, gate = mx.split(q, 2, axis=-1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))

@@ -4,6 +4,9 @@ they are and ours load in mlx-lm."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -11,7 +14,25 @@ from ..cache import KVCache, LinearAttentionCache
 from ..config import ModelConfig
 from .attention import Attention
 from .gated_delta import GatedDeltaNet
-from .moe import MLP, SparseMoeBlock, stack_experts
+from .moe import MLP, SparseMoeBlock, SwitchGLU, stack_experts
+
+
+def _compiled(module: nn.Module, method: str) -> Callable:
+    """`module.method` compiled. The module's arrays are inputs of the compiled function, so it computes
+    with the weights the module holds when called; the module is held weakly, so that one dropped is
+    freed at once (not when the garbage collector finds the cycle)."""
+    module_ref = weakref.ref(module)
+    inputs: list[nn.Module] = []  # the module, while a call runs
+    step = mx.compile(lambda *args: getattr(module_ref(), method)(*args), inputs=inputs)
+
+    def call(*args):
+        inputs.append(module_ref())
+        try:
+            return step(*args)
+        finally:
+            inputs.clear()
+
+    return call
 
 
 class DecoderLayer(nn.Module):
@@ -26,9 +47,29 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
+        # A token at a time the shapes stay the same, so those steps run compiled.
+        self._linear_step = _compiled(self, "_linear")
+        self._mlp_step = _compiled(self, "_mlp")
+
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache)
+        one = x.shape[1] == 1
+        if not self.is_linear:
+            h = x + self.self_attn(self.input_layernorm(x), cache)
+            return self._mlp_step(h) if one else self._mlp(h)
+        past, state = self.linear_attn.state(cache, x)
+        every_step = cache is not None and cache.keep_steps
+        h, conv_inputs, states = (
+            self._linear_step(x, past, state) if one and not every_step else self._linear(x, past, state, every_step)
+        )
+        if cache is not None:
+            cache.update(conv_inputs, states, self.linear_attn.kernel - 1)
+        return h
+
+    def _linear(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
+        out, conv_inputs, states = self.linear_attn(self.input_layernorm(x), past, state, every_step)
+        return self._mlp(x + out), conv_inputs, states
+
+    def _mlp(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -168,3 +209,11 @@ class Qwen3_5(nn.Module):
 def build_model(cfg: ModelConfig, mtp: bool = False) -> nn.Module:
     """The model for `cfg`; with `mtp`, Qwen3.5's multi-token-prediction head too."""
     return Qwen3_5(cfg, mtp) if cfg.family == "qwen3_5" else CausalLM(cfg)
+
+
+def fuse(model: nn.Module) -> None:
+    """Fuse, in place, the projections that read the same input (see `fused`). The model's parameters
+    then no longer have mlx-lm's names: do it after loading the weights."""
+    for module in model.modules():
+        if isinstance(module, (Attention, GatedDeltaNet, MLP, SwitchGLU)):
+            module.fuse()
