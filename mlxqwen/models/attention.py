@@ -17,6 +17,13 @@ from .rope import RoPE
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
+def positions(cache) -> int | mx.array:
+    """Where the next tokens go: the offset of a sequence's cache, or each row's in a batch."""
+    if isinstance(cache, KVBatch):
+        return cache.offsets
+    return cache.offset if cache is not None else 0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -40,6 +47,11 @@ class Attention(nn.Module):
         fuse(self, _PROJECTIONS)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
+        return self.output(*self.attend(*self.inputs(x, positions(cache)), cache=cache))
+
+    def inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """Queries and keys (rotated to positions offset, offset + 1, ...) and values [B, heads, L,
+        head_dim] for x [B, L, H]; then, with Qwen3.5's output gate, the gate [B, L, heads * head_dim]."""
         B, L, _ = x.shape
         q, k, v = project(self, _PROJECTIONS, self._sizes, x)
         q = q.reshape(B, L, self.n_heads, -1)
@@ -50,17 +62,23 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        return (q, k, v, gate.reshape(B, L, -1)) if self.gated else (q, k, v)
 
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, *gate: mx.array, cache=None) -> tuple[mx.array, ...]:
+        """What `output` takes: the attention over the cache, with the gate if any."""
         if isinstance(cache, KVBatch):
-            q, k = self.rope(q, cache.offsets), self.rope(k, cache.offsets)
-            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
-            out = mx.concatenate(rows)
+            out = mx.concatenate(
+                [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
+            )
         else:
-            offset = cache.offset if cache is not None else 0
-            out = self._attend(self.rope(q, offset), self.rope(k, offset), v, cache)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        if self.gated:
-            out = out * mx.sigmoid(gate.reshape(B, L, -1))
+            out = self._attend(q, k, v, cache)
+        B, _, L, _ = q.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1), *gate
+
+    def output(self, out: mx.array, gate: mx.array | None = None) -> mx.array:
+        if gate is not None:
+            out = out * mx.sigmoid(gate)
         return self.o_proj(out)
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:

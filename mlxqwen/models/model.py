@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from ..cache import KVCache, LinearAttentionCache
 from ..config import ModelConfig
-from .attention import Attention
+from .attention import Attention, positions
 from .gated_delta import GatedDeltaNet
 from .moe import MLP, SparseMoeBlock, SwitchGLU, stack_experts
 
@@ -49,13 +49,19 @@ class DecoderLayer(nn.Module):
 
         # A token at a time the shapes stay the same, so those steps run compiled.
         self._linear_step = _compiled(self, "_linear")
-        self._mlp_step = _compiled(self, "_mlp")
+        self._attention_in_step = _compiled(self, "_attention_in")
+        self._attention_out_step = _compiled(self, "_attention_out")
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         one = x.shape[1] == 1
         if not self.is_linear:
-            h = x + self.self_attn(self.input_layernorm(x), cache)
-            return self._mlp_step(h) if one else self._mlp(h)
+            offset = positions(cache)
+            if one:
+                inputs = self._attention_in_step(x, mx.array(offset) if isinstance(offset, int) else offset)
+            else:
+                inputs = self._attention_in(x, offset)
+            out = self.self_attn.attend(*inputs, cache=cache)
+            return (self._attention_out_step if one else self._attention_out)(x, *out)
         past, state = self.linear_attn.state(cache, x)
         every_step = cache is not None and cache.keep_steps
         h, conv_inputs, states = (
@@ -68,6 +74,12 @@ class DecoderLayer(nn.Module):
     def _linear(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
         out, conv_inputs, states = self.linear_attn(self.input_layernorm(x), past, state, every_step)
         return self._mlp(x + out), conv_inputs, states
+
+    def _attention_in(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        return self.self_attn.inputs(self.input_layernorm(x), offset)
+
+    def _attention_out(self, x: mx.array, *out: mx.array) -> mx.array:
+        return self._mlp(x + self.self_attn.output(*out))
 
     def _mlp(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
