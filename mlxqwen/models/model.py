@@ -16,6 +16,8 @@ from .attention import Attention, positions
 from .gated_delta import GatedDeltaNet
 from .moe import MLP, SparseMoeBlock, SwitchGLU, stack_experts
 
+_COMPILED_TOKENS = 4  # a decode step, or a verify step of speculative decoding
+
 
 def _compiled(module: nn.Module, method: str) -> Callable:
     """`module.method` compiled. The module's arrays are inputs of the compiled function, so it computes
@@ -47,29 +49,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-        # A token at a time the shapes stay the same, so those steps run compiled.
         self._linear_step = _compiled(self, "_linear")
         self._attention_in_step = _compiled(self, "_attention_in")
         self._attention_out_step = _compiled(self, "_attention_out")
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        one = x.shape[1] == 1
-        if not self.is_linear:
-            offset = positions(cache)
-            if one:
-                inputs = self._attention_in_step(x, mx.array(offset) if isinstance(offset, int) else offset)
-            else:
-                inputs = self._attention_in(x, offset)
-            out = self.self_attn.attend(*inputs, cache=cache)
-            return (self._attention_out_step if one else self._attention_out)(x, *out)
-        past, state = self.linear_attn.state(cache, x)
-        every_step = cache is not None and cache.keep_steps
-        h, conv_inputs, states = (
-            self._linear_step(x, past, state) if one and not every_step else self._linear(x, past, state, every_step)
-        )
-        if cache is not None:
-            cache.update(conv_inputs, states, self.linear_attn.kernel - 1)
-        return h
+        # The shapes of a step over a few tokens (decode, verify) recur: such steps run compiled.
+        few = x.shape[1] <= _COMPILED_TOKENS
+        if self.is_linear:
+            past, state = self.linear_attn.state(cache, x)
+            every_step = cache is not None and cache.keep_steps
+            h, conv_inputs, states = (self._linear_step if few else self._linear)(x, past, state, every_step)
+            if cache is not None:
+                cache.update(conv_inputs, states, self.linear_attn.kernel - 1)
+            return h
+        offset = positions(cache)
+        if few and isinstance(offset, int):
+            offset = mx.array(offset)  # an input of the compiled step, not a constant of it
+        inputs = (self._attention_in_step if few else self._attention_in)(x, offset)
+        out = self.self_attn.attend(*inputs, cache=cache)
+        return (self._attention_out_step if few else self._attention_out)(x, *out)
 
     def _linear(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
         out, conv_inputs, states = self.linear_attn(self.input_layernorm(x), past, state, every_step)
