@@ -46,9 +46,6 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         fuse(self, _PROJECTIONS)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        return self.output(*self.attend(*self.inputs(x, positions(cache)), cache=cache))
-
     def inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         """Queries and keys (rotated to positions offset, offset + 1, ...) and values [B, heads, L,
         head_dim] for x [B, L, H]; then, with Qwen3.5's output gate, the gate [B, L, heads * head_dim]."""
@@ -65,18 +62,18 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         return (q, k, v, gate.reshape(B, L, -1)) if self.gated else (q, k, v)
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, *gate: mx.array, cache=None) -> tuple[mx.array, ...]:
-        """What `output` takes: the attention over the cache, with the gate if any."""
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:
+        """The attention of `inputs`' queries over the cache (which takes its keys and values)."""
         if isinstance(cache, KVBatch):
-            out = mx.concatenate(
+            return mx.concatenate(
                 [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
             )
-        else:
-            out = self._attend(q, k, v, cache)
-        B, _, L, _ = q.shape
-        return out.transpose(0, 2, 1, 3).reshape(B, L, -1), *gate
+        return self._attend(q, k, v, cache)
 
     def output(self, out: mx.array, gate: mx.array | None = None) -> mx.array:
+        """The layer's output from the attention [B, heads, L, head_dim] (and the gate)."""
+        B, _, L, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         if gate is not None:
             out = out * mx.sigmoid(gate)
         return self.o_proj(out)

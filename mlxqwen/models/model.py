@@ -66,9 +66,9 @@ class DecoderLayer(nn.Module):
         offset = positions(cache)
         if few and isinstance(offset, int):
             offset = mx.array(offset)  # an input of the compiled step, not a constant of it
-        inputs = (self._attention_in_step if few else self._attention_in)(x, offset)
-        out = self.self_attn.attend(*inputs, cache=cache)
-        return (self._attention_out_step if few else self._attention_out)(x, *out)
+        q, k, v, *gate = (self._attention_in_step if few else self._attention_in)(x, offset)
+        out = self.self_attn.attend(q, k, v, cache)
+        return (self._attention_out_step if few else self._attention_out)(x, out, *gate)
 
     def _linear(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
         out, conv_inputs, states = self.linear_attn(self.input_layernorm(x), past, state, every_step)
@@ -77,8 +77,8 @@ class DecoderLayer(nn.Module):
     def _attention_in(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
         return self.self_attn.inputs(self.input_layernorm(x), offset)
 
-    def _attention_out(self, x: mx.array, *out: mx.array) -> mx.array:
-        return self._mlp(x + self.self_attn.output(*out))
+    def _attention_out(self, x: mx.array, out: mx.array, *gate: mx.array) -> mx.array:
+        return self._mlp(x + self.self_attn.output(out, *gate))
 
     def _mlp(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -224,7 +224,8 @@ def build_model(cfg: ModelConfig, mtp: bool = False) -> nn.Module:
 
 def fuse(model: nn.Module) -> None:
     """Fuse, in place, the projections that read the same input (see `fused`). The model's parameters
-    then no longer have mlx-lm's names: do it after loading the weights."""
+    then no longer match mlx-lm's files (a run's first projection holds the run): do it after loading
+    the weights."""
     for module in model.modules():
         if isinstance(module, (Attention, GatedDeltaNet, MLP, SwitchGLU)):
             module.fuse()
