@@ -74,6 +74,7 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 4
+    mtp_layers: int = 0  # multi-token-prediction layers of the checkpoint (Qwen3.5's `mtp.*`)
     # The config.json as written, for tools that copy or extend it (converter).
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -184,6 +185,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
         linear_key_head_dim=int(text.get("linear_key_head_dim") or 0),
         linear_value_head_dim=int(text.get("linear_value_head_dim") or 0),
         linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim") or 4),
+        mtp_layers=int(text.get("mtp_num_hidden_layers") or 0),
         raw=raw,
     )
     if cfg.num_attention_heads % cfg.num_key_value_heads:

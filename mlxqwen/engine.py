@@ -38,6 +38,7 @@ from .events import Done, Event, PrefillProgress, Stats, TextDelta, ThinkingDelt
 from .parsing import OutputParser, ParsedEvent, held_back
 from .prefix_cache import Entry, PrefixCache
 from .sampling import GenerationOptions, Sample, Sampler
+from .speculative import DepthChooser, accept
 from .structured import JsonConstraint
 
 # MLX streams are per thread; the engine thread runs on this one.
@@ -166,6 +167,8 @@ class _Stream:
     sampler: Sampler | None = None
     text: _Text | None = None
     generated: int = 0
+    drafted: int = 0  # tokens the MTP head guessed
+    accepted: int = 0  # of them, kept
     max_new: int = 0
     first_token: float = 0.0
     logprobs: list[TokenLogprob] | None = None
@@ -188,7 +191,15 @@ class _Warm:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, prefix_cache: PrefixCache, max_concurrent: int = 8, max_queue: int = 64):
+    def __init__(
+        self,
+        runtime: Runtime,
+        prefix_cache: PrefixCache,
+        max_concurrent: int = 8,
+        max_queue: int = 64,
+        mtp_depth: int | None = None,
+    ):
+        """mtp_depth: tokens the MTP head guesses per step (None: chosen as it pays, see `DepthChooser`)."""
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be at least 1 and max_queue at least 0")
         self.runtime = runtime
@@ -205,6 +216,8 @@ class Engine:
         self._active: list[_Stream] = []
         self._warm: deque[_Warm] = deque()
         self._think_close = runtime.tokenizer.token_to_id("</think>")
+        self.depths = DepthChooser(fixed=mtp_depth)
+        self._last_step: tuple[int, int, float, list[int]] | None = None  # depth, batch, start, guesses kept
 
     # --- the callers' side ----------------------------------------------------------------
 
@@ -283,8 +296,10 @@ class Engine:
         self._admit()
         if self._warm:
             self._warm_chunk(self._warm[0])
+            self._last_step = None
         elif prefilling := [s for s in self._active if not s.decoding]:
             self._prefill_chunk(prefilling[0])
+            self._last_step = None
         self._decode_step()
 
     def _fail(self, error: Exception) -> None:
@@ -423,6 +438,16 @@ class Engine:
         if not streams:
             return
         streams = self._make_room(streams)
+        now = time.perf_counter()
+        if self._last_step is not None:  # a step's time: to the next one, when nothing else ran between
+            depth, batch, start, kept = self._last_step
+            self.depths.record(depth, batch, now - start, kept)
+        constrained = any(s.constraint is not None for s in streams)
+        depth = self.depths.choose(len(streams)) if self.runtime.mtp and not constrained else 0
+        kept = self._speculative_step(streams, depth) if depth else self._plain_step(streams)
+        self._last_step = (depth, len(streams), now, kept)
+
+    def _plain_step(self, streams: list[_Stream]) -> list[int]:
         inputs = mx.concatenate([s.next_input for s in streams])
         logits = self.runtime.decode([s.seq for s in streams], inputs)
         handed = []
@@ -434,20 +459,67 @@ class Engine:
             if stream.constraint is None:
                 self._draw(stream, logits[i])
         for stream, sample in handed:
-            if sample is not None:
-                self._hand_out(stream, sample)
+            if sample is not None and (end := self._hand_out(stream, sample)):
+                self._finish(stream, *end)
         # a constrained draw needs the token before it (handed out just now) for its mask
         for i, stream in enumerate(streams):
             if stream.constraint is not None and stream in self._active:
                 self._draw(stream, logits[i], stream.constraint.mask() if stream.constrained else None)
+        return []
+
+    def _speculative_step(self, streams: list[_Stream], depth: int) -> list[int]:
+        """The MTP head guesses `depth` tokens per sequence, the model checks them in one pass, and
+        each sequence keeps what `speculative.accept` accepts (see `mlxqwen.speculative`). Returns
+        how many guesses each kept."""
+        seqs = [s.seq for s in streams]
+        nexts = mx.concatenate([s.next_input for s in streams])
+        drafts: list[list[mx.array]] = [[] for _ in streams]
+
+        def pick(logits: mx.array) -> mx.array:
+            guesses = []
+            for i, stream in enumerate(streams):
+                drafts[i].append(stream.sampler.distribution(logits[i]))
+                guesses.append(stream.sampler.draw_from(drafts[i][-1]))
+            return mx.stack(guesses)
+
+        guessed = self.runtime.draft(seqs, nexts, depth, pick)
+        logits = self.runtime.verify(seqs, mx.concatenate([nexts[:, None], guessed], axis=1))
+        fed, ends, follows, kept = [], [], [], []
+        for i, (stream, guesses) in enumerate(zip(streams, guessed.tolist(), strict=True)):
+            tokens, n = accept(stream.sampler, logits[i], guesses, drafts[i])
+            stream.drafted, stream.accepted = stream.drafted + depth, stream.accepted + n
+            kept.append(n)
+            # what this pass fed: the next token, then the guesses accepted; each is handed out
+            count, end = 0, None
+            for j, token in enumerate([int(nexts[i].item())] + tokens[:-1]):
+                count += 1
+                if j == 0 and stream.launched is None:  # the prompt's last token
+                    stream.tokens.append(token)
+                    stream.fed += 1
+                    continue
+                sample = stream.launched if j == 0 else stream.sampler.report(logits[i, j - 1], mx.array(token))
+                if end := self._hand_out(stream, sample):
+                    break
+            fed.append(count)
+            ends.append(end)
+            follows.append(tokens[-1])
+        self.runtime.commit(seqs, fed)
+        for i, stream in enumerate(streams):
+            if ends[i]:
+                self._finish(stream, *ends[i])
+            else:  # the token after them is fed, and handed out, next step
+                stream.launched = stream.sampler.report(logits[i, fed[i] - 1], mx.array(follows[i]))
+                stream.next_input = mx.array([follows[i]])
+        return kept
 
     def _draw(self, stream: _Stream, logits: mx.array, allowed: mx.array | None = None) -> None:
         sample = stream.sampler(logits, allowed)
         mx.async_eval(*(x for x in sample if x is not None))
         stream.launched, stream.next_input = sample, sample.token.reshape(1)
 
-    def _hand_out(self, stream: _Stream, sample: Sample) -> None:
-        """Give the caller a token drawn one step ago (the step just launched has fed it)."""
+    def _hand_out(self, stream: _Stream, sample: Sample) -> tuple[str, bool] | None:
+        """Give the caller a token already fed to the model; returns (reason, stopped by a stop string)
+        when it ends the request."""
         token = sample.token.item()
         stream.tokens.append(token)
         stream.generated += 1
@@ -465,17 +537,17 @@ class Engine:
         elif stream.constraint is not None and token == self._think_close:
             stream.constrained = True  # the answer begins: from here it follows the format
         if token in self.runtime.tokenizer.eos_token_ids:
-            self._finish(stream, "stop")
-            return
+            return "stop", False
         events, stopped = stream.text.add(token)
         for event in events:
             stream.handle._events.put(event)
         if stopped:
-            self._finish(stream, "stop", stopped=True)
-        elif stream.generated >= stream.max_new:
-            self._finish(stream, "length")
-        elif stream.handle.cancelled:
-            self._finish(stream, "cancelled")
+            return "stop", True
+        if stream.generated >= stream.max_new:
+            return "length", False
+        if stream.handle.cancelled:
+            return "cancelled", False
+        return None
 
     def _make_room(self, streams: list[_Stream]) -> list[_Stream]:
         """Put the youngest sequences back in the queue while the step would need more K/V than there is."""
@@ -487,8 +559,8 @@ class Engine:
     def _preempt(self, stream: _Stream) -> None:
         pending = stream.first_input
         if stream.launched is not None:
-            self._hand_out(stream, stream.launched)
-            if stream not in self._active:  # that token ended it
+            if end := self._hand_out(stream, stream.launched):
+                self._finish(stream, *end)
                 return
             pending = stream.tokens.pop()  # handed out, but not fed yet
         self.runtime.release(stream.seq)
@@ -544,6 +616,8 @@ class Engine:
             ttft=first - stream.submitted,
             peak_memory=self.runtime.peak_memory(),
             finish_reason="tool_calls" if reason == "stop" and calls else reason,
+            draft_tokens=stream.drafted,
+            accepted_tokens=stream.accepted,
         )
         logprobs = None if stream.logprobs is None else tuple(stream.logprobs)
         if text is None:

@@ -36,10 +36,17 @@ class LLM:
     """A loaded model. `model`, `config` and `new_cache()` give the MLX model itself (MLX backend);
     `name` says which runtime runs it ("MLX" or "llama.cpp")."""
 
-    def __init__(self, runtime: Runtime, prefix_cache: PrefixCache, max_concurrent: int = 8, max_queue: int = 64):
+    def __init__(
+        self,
+        runtime: Runtime,
+        prefix_cache: PrefixCache,
+        max_concurrent: int = 8,
+        max_queue: int = 64,
+        mtp_depth: int | None = None,
+    ):
         self.runtime = runtime
         self.prefix_cache = prefix_cache
-        self.engine = Engine(runtime, prefix_cache, max_concurrent, max_queue)
+        self.engine = Engine(runtime, prefix_cache, max_concurrent, max_queue, mtp_depth)
         # Not at exit: an MLX thread that ends while the process exits can abort it.
         weakref.finalize(self, self.engine.close).atexit = False
 

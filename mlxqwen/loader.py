@@ -60,13 +60,48 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[s
             )
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> tuple[nn.Module, ModelConfig]:
+def _mtp_weights(
+    path: Path, cfg: ModelConfig, weights: dict[str, mx.array], mtp: bool | str | Path
+) -> tuple[dict[str, mx.array], dict[str, Path]]:
+    """The multi-token-prediction head's tensors (`mtp.*`) that `mtp` asks for: True, the checkpoint's
+    own; "auto", those if there are any; a path, a directory (or safetensors file) holding the head alone,
+    named with or without `mtp.` (quantized, if at all, as the model is)."""
+    if mtp is False:
+        return {}, {}
+    if isinstance(mtp, (str, Path)) and mtp != "auto":
+        source = Path(mtp).expanduser()
+        files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{source}: no MTP head (safetensors) there")
+        head, origin = {}, {}
+        for file in files:
+            for key, value in mx.load(str(file)).items():
+                name = key if key.startswith("mtp.") else f"mtp.{key}"
+                head[name], origin[name] = value, file
+    else:
+        head = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+        origin = {}
+        if not head and mtp is True:
+            raise ModelLoadError(f"{path}: this checkpoint has no MTP head (mtp.* tensors)")
+    if head and cfg.family != "qwen3_5":
+        raise ModelLoadError(f"{path}: an MTP head needs a Qwen3.5-family model, not {cfg.model_type}")
+    return head, origin
+
+
+def load_model(
+    path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False, mtp: bool | str | Path = False
+) -> tuple[nn.Module, ModelConfig]:
+    """The model of a checkpoint directory and its config. mtp: also Qwen3.5's multi-token-prediction
+    head (see `_mtp_weights`); `model.mtp` holds it when loaded."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model directory")
     cfg = parse_config(read_config(path), str(path / "config.json"))
-    model = build_model(cfg)
     raw, origin = read_weights(path)
+    head, head_origin = _mtp_weights(path, cfg, raw, mtp)
+    model = build_model(cfg, mtp=bool(head))
+    raw.update(head)
+    origin.update(head_origin)
     weights = model.sanitize(raw)
     _quantize_for(model, cfg, weights)
     check_weights(model, weights, origin, path)

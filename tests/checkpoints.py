@@ -124,69 +124,63 @@ def save_checkpoint(model, path: Path, style: str = "t5", tokenizer: bool = True
     return path
 
 
-def add_mtp_head(model, path: Path, seed: int = 1) -> torch.nn.ModuleDict:
-    """Give the Qwen3.5 (dense or MoE) checkpoint that `model` was saved as at `path` a random MTP
-    head in Qwen's layout, and return it: `mtp.layers.0.*` a full-attention decoder layer of the
-    model's kind, `mtp.fc` joining the next token's embedding and the hidden state,
-    `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm` (norms x̂·(1 + w));
-    `mtp_num_hidden_layers: 1` in config.json."""
+class MTPReference(torch.nn.Module):
+    """Qwen3.5's multi-token-prediction head as llama.cpp runs it (transformers loads none): from the
+    model's normed hidden state at t and the embedding of token t+1, through `fc` and one
+    full-attention decoder layer, a normed hidden state whose logits guess token t+2."""
+
+    def __init__(self, model, seed: int = 1):
+        import importlib
+
+        super().__init__()
+        config = model.config
+        modeling = importlib.import_module(type(model).__module__)
+        prefix = type(model).__name__.removesuffix("ForCausalLM")
+        norm = getattr(modeling, f"{prefix}RMSNorm")
+        self.pre_fc_norm_embedding = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.pre_fc_norm_hidden = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.fc = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        full = config.layer_types.index("full_attention")
+        self.layers = torch.nn.ModuleList([getattr(modeling, f"{prefix}DecoderLayer")(config, full)])
+        self.norm = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.apply(model._init_weights)  # as the model's own layers (a layer built alone is not initialized)
+        self.float().eval()
+        perturb(self, seed)
+        self.model = [model]  # not a submodule: its weights are not the head's
+
+    def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model[0]
+        rope = model.model.rotary_emb(hidden, torch.arange(hidden.shape[1])[None, None])
+        embedded = model.model.embed_tokens(next_tokens)
+        x = torch.cat([self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)], dim=-1)
+        return self.norm(self.layers[0](self.fc(x), position_embeddings=rope))
+
+
+def add_mtp_head(path: Path, head: MTPReference) -> Path:
+    """Write `head` into the checkpoint at `path` as Qwen3.5 releases store it (`mtp.*`)."""
     from safetensors.torch import load_file, save_file
 
-    config, text = model.config, model.model
-    full = config.layer_types.index("full_attention")
-    norm, hidden = type(text.norm), config.hidden_size
-    torch.manual_seed(seed)
-    head = torch.nn.ModuleDict(
-        {
-            "fc": torch.nn.Linear(2 * hidden, hidden, bias=False),
-            "pre_fc_norm_embedding": norm(hidden, eps=config.rms_norm_eps),
-            "pre_fc_norm_hidden": norm(hidden, eps=config.rms_norm_eps),
-            "layers": torch.nn.ModuleList([type(text.layers[full])(config, full)]),
-            "norm": norm(hidden, eps=config.rms_norm_eps),
-        }
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # as the model's own init does (a lone layer leaves its experts uninitialized)
-        for p in head.parameters():
-            p.copy_(
-                torch.randn(p.shape, generator=g) * config.initializer_range if p.ndim > 1 else torch.zeros(p.shape)
-            )
-    perturb(head, seed)
     file = path / "model.safetensors"
     tensors = load_file(file)
-    tensors.update({f"mtp.{k}": v.detach().contiguous() for k, v in head.state_dict().items()})
+    tensors.update({f"mtp.{k}": v.contiguous() for k, v in head.state_dict().items()})
     save_file(tensors, file, metadata={"format": "pt"})
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "mtp_num_hidden_layers": 1}, indent=2))
-    return head.eval()
+    config = json.loads((path / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
 
 
-def reference_draft(model, head: torch.nn.ModuleDict, tokens: list[int], depth: int) -> tuple[int, list[int]]:
-    """The model's greedy next token after `tokens`, and `depth` greedy guesses of the MTP head at
-    the tokens after it, chained as Qwen's MTP runs: the head reads each token from the second on
-    with the model's final (normed) hidden state at the token before, then each guess with its
-    own normed output at the step before."""
-    text = model.model
+def reference_draft(model, head: MTPReference, tokens: list[int], depth: int) -> tuple[int, list[int]]:
+    """The model's greedy next token after `tokens`, and the head's `depth` greedy guesses at the
+    tokens after it, chained: each guess is read with the head's own output at the step before."""
     with torch.no_grad():
-        hidden = text(input_ids=torch.tensor([tokens])).last_hidden_state[0]
-        ids = tokens[1:] + [int(model.lm_head(hidden[-1]).argmax())]
-        guesses = []
+        hidden = model.model(torch.tensor([tokens])).last_hidden_state
+        following = [*tokens[1:], int(model.lm_head(hidden[0, -1]).argmax())]
         for _ in range(depth):
-            x = torch.cat(
-                [
-                    head["pre_fc_norm_embedding"](text.embed_tokens(torch.tensor(ids))),
-                    head["pre_fc_norm_hidden"](hidden),
-                ],
-                -1,
-            )[None]
-            n = len(ids)
-            rope = text.rotary_emb(x, torch.arange(n)[None])
-            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-            out = head["norm"](head["layers"][0](head["fc"](x), position_embeddings=rope, attention_mask=mask))[0, -1]
-            guesses.append(int(model.lm_head(out).argmax()))
-            ids.append(guesses[-1])
-            hidden = torch.cat([hidden, out[None]])
-    return ids[len(tokens) - 1], guesses
+            out = head(hidden, torch.tensor([following]))[:, -1:]
+            following.append(int(model.lm_head(out[0, -1]).argmax()))
+            hidden = torch.cat([hidden, out], dim=1)
+    return following[len(tokens) - 1], following[len(tokens) :]
 
 
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:

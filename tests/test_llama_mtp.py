@@ -1,7 +1,8 @@
 """The MTP head on llama.cpp: `--to gguf` writes a Qwen3.5 checkpoint's head as llama.cpp's
 qwen35/qwen35moe define it, and the llama.cpp runtime drafts with it what transformers computes
-(the head run by hand on the model's hidden states), batched over sequences; after a verify with
-rejected guesses, after a snapshot and on a file without a head it stays right."""
+(the head run on the model's hidden states) and what the MLX runtime drafts, batched over
+sequences; after a verify with rejected guesses, after a snapshot and on a file without a head
+it stays right."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import add_mtp_head, build_reference, reference_draft, save_checkpoint
+from checkpoints import MTPReference, add_mtp_head, build_reference, reference_draft, save_checkpoint
 
+from mlxqwen.backends import mlx as mlx_backend
 from mlxqwen.errors import ModelLoadError
 
 pytest.importorskip("llama_cpp")
@@ -32,8 +34,8 @@ def with_head(request, tmp_path_factory):
     """(transformers model, its random MTP head, the checkpoint, its F32 GGUF with the head)."""
     tmp = tmp_path_factory.mktemp(request.param)
     model = build_reference(request.param, vocab_size=VOCAB, **_LINEAR)
-    src = save_checkpoint(model, tmp / "hf")
-    head = add_mtp_head(model, src)
+    head = MTPReference(model)
+    src = add_mtp_head(save_checkpoint(model, tmp / "hf"), head)
     return model, head, src, convert_to_gguf(src, tmp / "model-F32.gguf", "F32")
 
 
@@ -76,19 +78,27 @@ def test_the_file_holds_the_head_as_llama_cpp_names_it(with_head):
     assert nextn | {"blk.4.attn_q.weight", ffn} <= {t.name for t in reader.tensors}
 
 
-def test_drafts_match_transformers(with_head):
+def test_drafts_match_transformers_and_mlx(with_head):
     """Three sequences of different lengths (one token: the head has read nothing yet) draft in
-    one call what the head computes in transformers."""
-    model, head, _, path = with_head
-    runtime = load(path)
-    assert runtime.mtp
+    one call what the head computes in transformers, and the head's logits at each step are the
+    MLX runtime's on the same F32 weights."""
+    model, head, src, path = with_head
+    runtime, mlx_runtime = load(path), mlx_backend.load(src, dtype=mx.float32, mtp=True)
+    assert runtime.mtp and mlx_runtime.mtp
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, 151_000, n).tolist() for n in (1, 6, 13)]
-    seqs, nexts = zip(*(fed(runtime, p) for p in prompts), strict=True)
-    guesses = runtime.draft(seqs, mx.array(nexts), DEPTH, greedy).tolist()
+    drafts = []
+    for r in (runtime, mlx_runtime):
+        seqs, nexts = zip(*(fed(r, p) for p in prompts), strict=True)
+        drafted = Recorder()
+        drafts.append((nexts, r.draft(seqs, mx.array(nexts), DEPTH, drafted).tolist(), drafted.logits))
+    (nexts, guesses, logits), (mlx_nexts, mlx_guesses, mlx_logits) = drafts
     for prompt, following, got in zip(prompts, nexts, guesses, strict=True):
         expected_next, expected = reference_draft(model, head, prompt, DEPTH)
         assert (following, got) == (expected_next, expected)
+    assert (mlx_nexts, mlx_guesses) == (nexts, guesses)
+    for got, want in zip(logits, mlx_logits, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
     runtime.close()
 
 

@@ -26,6 +26,7 @@ from ..errors import ModelLoadError
 from ..llm import LLM
 from ..memory import memory_budget
 from ..prefix_cache import PrefixCache
+from ..speculative import MAX_DEPTH
 
 BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
@@ -115,6 +116,8 @@ def load(
     max_queue: int = 64,
     prefix_cache: int | bool = True,
     prefix_cache_dir: str | Path | bool | None = None,
+    mtp: bool | str | Path = "auto",
+    mtp_depth: int | None = None,
 ) -> LLM:
     """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
 
@@ -135,7 +138,13 @@ def load(
         what this machine allows, at most 4 GiB; False: none, though chats keep their own).
     prefix_cache_dir: also keep them on disk, in this directory (True: the user cache
         directory), so that another process or a restart reuses them.
+    mtp: speculative decoding with the model's multi-token-prediction head (Qwen3.5/3.6/3.8):
+        "auto" when the checkpoint has one, True (an error if not), False, or the path of a
+        head shipped apart. mtp_depth: tokens it guesses per step, 0 to 3 (default: the number
+        that pays, measured as it runs; 0 where guessing costs more than it saves).
     """
+    if mtp_depth is not None and not 0 <= mtp_depth <= MAX_DEPTH:
+        raise ValueError(f"mtp_depth={mtp_depth}: choose 0 to {MAX_DEPTH}")
     choice = choose(Path(path).expanduser(), backend)
     if choice.note:
         logger.warning(choice.note)
@@ -154,11 +163,17 @@ def load(
         from . import mlx
 
         runtime = mlx.load(
-            choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+            choice.path,
+            dtype=dtype,
+            lazy=lazy,
+            max_context=max_context,
+            kv_bits=kv_bits,
+            check_memory=check_memory,
+            mtp=mtp,
         )
     if prefix_cache is True:
         prefix_cache = min(4 << 30, memory_budget() // 8)
     if prefix_cache_dir is True:
         prefix_cache_dir = Path(user_cache_dir("mlxqwen")) / "prefix-cache"
     cache = PrefixCache(runtime, int(prefix_cache), Path(prefix_cache_dir) if prefix_cache_dir else None)
-    return LLM(runtime, cache, max_concurrent, max_queue)
+    return LLM(runtime, cache, max_concurrent, max_queue, mtp_depth)

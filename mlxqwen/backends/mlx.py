@@ -3,11 +3,17 @@
 Each sequence owns its per-layer caches. A batch decodes in one forward: the Gated DeltaNet
 states of its sequences are stacked into one cache per layer while the batch stays the same
 (stacked when it changes, written back to the sequences when it does), and attention reads
-each sequence's own K/V (see `mlxqwen.cache`). One sequence alone runs on its own caches."""
+each sequence's own K/V (see `mlxqwen.cache`). One sequence alone runs on its own caches.
+
+With the model's MTP head (`model.mtp`), each sequence also keeps the head's K/V cache, whose
+entry t is the pair (hidden state t, token t+1). Every forward pass yields such pairs; the head
+reads them when it next drafts (in one pass), and at once while a prompt is read, so that what
+waits stays small."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +29,25 @@ from ..sampling import GenerationOptions, recommended_sampling
 from ..tokenizer import Tokenizer, read_json
 from .runtime import Runtime
 
+_MOST_WAITING = 64  # pairs the MTP head may have yet to read before it reads them anyway
+
+
+@dataclass
+class _Snapshot:
+    layers: list[Any]  # each layer cache's snapshot
+    length: int
+    head: tuple | None = None  # the MTP head's K/V
+    last_hidden: mx.array | None = None
+
 
 class _Sequence:
-    def __init__(self, caches: list[Any]):
+    def __init__(self, caches: list[Any], head: bool):
         self.caches = caches
         self.length = 0
+        # the MTP head's state: its K/V, the pairs it has yet to read, the last hidden state (its token to come)
+        self.head_cache = KVCache() if head else None
+        self.waiting: list[tuple[mx.array, mx.array]] = []  # (hidden [1, n, H], tokens [n])
+        self.last_hidden: mx.array | None = None  # [1, 1, H]
 
 
 class MLXRuntime(Runtime):
@@ -56,8 +76,9 @@ class MLXRuntime(Runtime):
         self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
         self.defaults, self.max_context, self.kv_capacity = defaults, max_context, kv_capacity
         self.vocab_size = config.vocab_size
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.kv_bits, self.kv_group_size, self.dtype = kv_bits, kv_group_size, dtype
         self.trimmable = not any(layer.is_linear for layer in model.layers)
+        self.mtp = "mtp" in model
         self.identity = {
             "runtime": self.name,
             "model": str(path.resolve()),
@@ -80,7 +101,7 @@ class MLXRuntime(Runtime):
     # --- the runtime interface ------------------------------------------------------
 
     def new_sequence(self) -> _Sequence:
-        return _Sequence(self.new_cache())
+        return _Sequence(self.new_cache(), self.mtp)
 
     def release(self, seq: _Sequence) -> None:
         if seq in self._batch:
@@ -90,16 +111,26 @@ class MLXRuntime(Runtime):
         if seq in self._batch:
             self._unbatch()
         # Only the cache is evaluated: the lm_head over the chunk is never computed.
-        self.model(mx.array([tokens]), cache=seq.caches)
-        mx.eval([c.state for c in seq.caches])
+        ids = mx.array([tokens])
+        hidden = self.model.hidden(ids, cache=seq.caches)
+        state = [c.state for c in seq.caches]
+        if self.mtp:
+            self._pairs(seq, hidden, ids[0])
+            self._read_pairs([seq])
+            state += [seq.head_cache.state, seq.last_hidden]
+        mx.eval(state)
         mx.clear_cache()
         seq.length += len(tokens)
 
     def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
-        logits = self.model(tokens[:, None], cache=self._caches(seqs))[:, -1]
-        for seq in seqs:
+        hidden = self.model.hidden(tokens[:, None], cache=self._caches(seqs))
+        for i, seq in enumerate(seqs):
             seq.length += 1
-        return logits
+            if self.mtp:
+                self._pairs(seq, hidden[i : i + 1], tokens[i : i + 1])
+        if self.mtp and max(len(s.waiting) for s in seqs) >= _MOST_WAITING:
+            self._read_pairs(seqs)
+        return self.model.head(hidden[:, -1])
 
     def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         caches = self._caches(seqs)
@@ -107,14 +138,15 @@ class MLXRuntime(Runtime):
         for c in linear:
             c.keep_steps = True
         try:
-            logits = self.model(tokens, cache=caches)
+            hidden = self.model.hidden(tokens, cache=caches)
         finally:
             for c in linear:
                 c.keep_steps = False
         self._fed = tokens.shape[1]
+        self._verified = (hidden, tokens)
         for seq in seqs:
             seq.length += self._fed
-        return logits
+        return self.model.head(hidden)
 
     def commit(self, seqs: Sequence[_Sequence], accepted: Sequence[int]) -> None:
         for c in self._caches(seqs):
@@ -123,48 +155,122 @@ class MLXRuntime(Runtime):
             else:
                 for kv, n in zip(c if isinstance(c, KVBatch) else [c], accepted, strict=True):
                     kv.commit(self._fed, n)
-        for seq, n in zip(seqs, accepted, strict=True):
+        hidden, tokens = self._verified
+        for i, (seq, n) in enumerate(zip(seqs, accepted, strict=True)):
             seq.length -= self._fed - n
+            if self.mtp:
+                self._pairs(seq, hidden[i : i + 1, :n], tokens[i, :n])
 
-    def snapshot(self, seq: _Sequence) -> tuple[list[Any], int]:
+    def draft(self, seqs: Sequence[_Sequence], tokens: mx.array, depth: int, pick) -> mx.array:
+        for i, seq in enumerate(seqs):  # the next token completes the last pair; the head reads it now
+            self._pairs(seq, None, tokens[i : i + 1])
+        out = self._read_pairs(seqs, always=True)  # [B, 1, H]: the head's output at each sequence's last pair
+        head_caches = self._head_caches(seqs)
+        guesses = []
+        for step in range(depth):
+            guesses.append(pick(self.model.head(out[:, -1])))
+            if step + 1 < depth:  # chained: the head's output stands in for the model's hidden state
+                out = self.model.mtp(out, self.model.embed(guesses[-1][:, None]), head_caches)
+        for seq in seqs:  # the chained entries were guesses: the head keeps only true pairs
+            seq.head_cache.commit(depth - 1, 0)
+        return mx.stack(guesses, axis=1)
+
+    def _pairs(self, seq: _Sequence, hidden: mx.array | None, tokens: mx.array) -> None:
+        """Record a forward pass of `tokens` (a 1-D array) that gave `hidden` [1, T, H] (None: not fed
+        yet): each token completes the pair of the hidden state before it."""
+        before = seq.last_hidden
+        if hidden is not None:
+            seq.last_hidden = hidden[:, -1:]
+            hidden = hidden[:, :-1]
+        else:
+            seq.last_hidden = None  # the next pass's first token has no pair: its pair is read now
+        if before is not None:
+            hidden = before if hidden is None or hidden.shape[1] == 0 else mx.concatenate([before, hidden], axis=1)
+        elif tokens.size:
+            tokens = tokens[1:]  # the first token of a sequence follows no hidden state
+        if tokens.size:
+            seq.waiting.append((hidden, tokens))
+
+    def _read_pairs(self, seqs: Sequence[_Sequence], always: bool = False) -> mx.array | None:
+        """Let the head read every waiting pair, in one pass over the batch (rows padded to the
+        longest, the padding dropped from its cache after). Returns its output at each row's last pair
+        (`always`: even when none waits; such a row's output guesses blindly)."""
+        counts = [sum(t.size for _, t in seq.waiting) for seq in seqs]
+        width = max(counts + [int(always)])
+        if not width:
+            return None
+        hidden, tokens = [], []
+        blank = (mx.zeros((1, 1, self.config.hidden_size), self.dtype), mx.array([0]))
+        for seq in seqs:
+            pairs = seq.waiting or [blank]  # a row with nothing to read still needs a row (its guesses fail)
+            h = mx.concatenate([h for h, _ in pairs], axis=1)
+            t = mx.concatenate([t for _, t in pairs])
+            pad = width - h.shape[1]  # repeat the last pair: read, then cut from the cache
+            hidden.append(mx.concatenate([h] + [h[:, -1:]] * pad, axis=1) if pad else h)
+            tokens.append(mx.concatenate([t] + [t[-1:]] * pad) if pad else t)
+            seq.waiting = []
+        out = self.model.mtp(mx.concatenate(hidden), self.model.embed(mx.stack(tokens)), self._head_caches(seqs))
+        for seq, n in zip(seqs, counts, strict=True):
+            seq.head_cache.commit(width, n)
+        rows = mx.arange(len(seqs))
+        return out[rows, mx.maximum(mx.array(counts) - 1, 0)][:, None]
+
+    def _head_caches(self, seqs: Sequence[_Sequence]) -> Any:
+        return seqs[0].head_cache if len(seqs) == 1 else KVBatch(s.head_cache for s in seqs)
+
+    def snapshot(self, seq: _Sequence) -> _Snapshot:
         if seq in self._batch:
             self._unbatch()
-        return [c.snapshot() for c in seq.caches], seq.length
+        snapshot = _Snapshot([c.snapshot() for c in seq.caches], seq.length)
+        if self.mtp:
+            self._read_pairs([seq])
+            snapshot.head, snapshot.last_hidden = seq.head_cache.snapshot(), seq.last_hidden
+        return snapshot
 
-    def restore(self, seq: _Sequence, snapshot: tuple[list[Any], int], length: int) -> None:
-        states, _ = snapshot
-        for c, state in zip(seq.caches, states, strict=True):
+    def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
+        for c, state in zip(seq.caches, snapshot.layers, strict=True):
             c.restore(state)
             if isinstance(c, KVCache):
                 c.offset = length
         seq.length = length
+        if self.mtp and snapshot.head is not None:
+            seq.head_cache.restore(snapshot.head)
+            seq.head_cache.offset = min(seq.head_cache.offset, length - 1)
+            # cut back, the hidden state before the next token is unknown: that one pair is skipped
+            seq.last_hidden = snapshot.last_hidden if length == snapshot.length else None
 
-    def snapshot_bytes(self, snapshot: tuple[list[Any], int]) -> int:
-        return sum(a.nbytes for state in snapshot[0] for a in _arrays(state))
+    def snapshot_bytes(self, snapshot: _Snapshot) -> int:
+        return sum(a.nbytes for a in self.save(snapshot).values())
 
-    def save(self, snapshot: tuple[list[Any], int]) -> dict[str, mx.array]:
-        states, length = snapshot
-        arrays = {"length": mx.array(length)}
-        for i, state in enumerate(states):
+    def save(self, snapshot: _Snapshot) -> dict[str, mx.array]:
+        arrays = {"length": mx.array(snapshot.length)}
+        for i, state in enumerate(snapshot.layers):
             for j, a in enumerate(_arrays(state)):
                 arrays[f"{i}.{j}"] = a
+        if snapshot.head is not None:
+            arrays.update({f"head.{j}": a for j, a in enumerate(_arrays(snapshot.head))})
+        if snapshot.last_hidden is not None:
+            arrays["head.hidden"] = snapshot.last_hidden
         return arrays
 
-    def load(self, arrays: dict[str, mx.array]) -> tuple[list[Any], int]:
+    def load(self, arrays: dict[str, mx.array]) -> _Snapshot:
+        arrays = dict(arrays)
         try:
-            length = int(arrays["length"])
-            reference = self.new_sequence()
-            states = []
-            for i, c in enumerate(reference.caches):
+            snapshot = _Snapshot([], int(arrays.pop("length")))
+            for i, c in enumerate(self.new_sequence().caches):
                 parts = []
                 while f"{i}.{len(parts)}" in arrays:
-                    parts.append(arrays[f"{i}.{len(parts)}"])
-                states.append(_state(c, parts, length, self.config))
-        except (KeyError, ValueError, TypeError) as e:
+                    parts.append(arrays.pop(f"{i}.{len(parts)}"))
+                snapshot.layers.append(_state(c, parts, snapshot.length, self.config))
+            if self.mtp and "head.0" in arrays:
+                keys, values = arrays.pop("head.0"), arrays.pop("head.1")
+                snapshot.head = (keys, values, keys.shape[2])
+                snapshot.last_hidden = arrays.pop("head.hidden", None)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ValueError(f"a snapshot that does not fit this model ({e})") from None
-        if len(arrays) != 1 + sum(len(_arrays(s)) for s in states):
-            raise ValueError("a snapshot with arrays this model does not have")
-        return states, length
+        if arrays:
+            raise ValueError(f"a snapshot with arrays this model does not have ({', '.join(arrays)})")
+        return snapshot
 
     def settle(self) -> None:
         self._unbatch()
@@ -233,9 +339,10 @@ def load(
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
+    mtp: bool | str | Path = "auto",
 ) -> MLXRuntime:
     """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True)
+    model, config = load_model(path, dtype=dtype, lazy=True, mtp=mtp)
     tokenizer = Tokenizer.from_dir(path)
     dtype = dtype or default_dtype()
     sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype, kv_bits=kv_bits)

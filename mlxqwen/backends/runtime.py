@@ -61,7 +61,7 @@ class Runtime(ABC):
     @abstractmethod
     def verify(self, seqs: Sequence[Any], tokens: mx.array) -> mx.array:
         """Feed T tokens to each sequence (`tokens` [B, T]) and return the logits after each [B, T, vocab].
-        `commit` must follow before any other call on these sequences."""
+        `commit` must follow before any other call."""
 
     @abstractmethod
     def commit(self, seqs: Sequence[Any], accepted: Sequence[int]) -> None:
