@@ -13,14 +13,18 @@ import numpy as np
 import pytest
 from checkpoints import MTPReference, add_mtp_head, build_reference, reference_draft, save_checkpoint
 
+import mlxqwen
 from mlxqwen.backends import mlx as mlx_backend
 from mlxqwen.errors import ModelLoadError
+from mlxqwen.llm import last
 
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 from mlxqwen.convert.gguf import convert_to_gguf  # noqa: E402
 from test_gguf import _LINEAR, VOCAB  # noqa: E402
+from test_mtp import PROMPTS  # noqa: E402
+from test_mtp import greedy as engine_greedy  # noqa: E402
 
 from mlxqwen.backends import llama_cpp as llama_cpp_backend  # noqa: E402
 from mlxqwen.cli import main  # noqa: E402
@@ -191,3 +195,19 @@ def test_quantized_file_keeps_the_head(with_head, tmp_path):
     seq, following = fed(runtime, np.random.RandomState(3).randint(0, 151_000, 8).tolist())
     assert runtime.draft([seq], mx.array([following]), DEPTH, greedy).shape == (1, DEPTH)
     runtime.close()
+
+
+def test_greedy_output_is_the_same_with_the_head(with_head):
+    """Through `mlxqwen.load`: with the head guessing 1 to 3 tokens a step (a random head: most
+    refused, so rollback runs), alone and batched, greedy output is plain decoding's."""
+    *_, path = with_head
+    plain = mlxqwen.load(path, dtype=mx.float32, mtp=False, prefix_cache=False)
+    assert not plain.runtime.mtp
+    expected = engine_greedy(plain, PROMPTS)
+    for depth in (None, 1, 3):
+        llm = mlxqwen.load(path, dtype=mx.float32, mtp_depth=depth, prefix_cache=False)
+        assert llm.runtime.mtp
+        assert [engine_greedy(llm, [p])[0] for p in PROMPTS] == expected
+        assert engine_greedy(llm, PROMPTS) == expected
+    done = last(llm.stream(PROMPTS[1], raw=True, temperature=0, max_tokens=24))
+    assert done.stats.draft_tokens >= 3 * 20 and done.stats.accepted_tokens < done.stats.draft_tokens / 4

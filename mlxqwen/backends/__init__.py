@@ -158,6 +158,7 @@ def load(
             kv_bits=kv_bits,
             check_memory=check_memory,
             n_seq_max=max_concurrent + 1,  # and one to compute next turns' states
+            mtp=mtp,
         )
     else:
         from . import mlx

@@ -46,6 +46,7 @@ from .. import memory
 from ..chat_template import ChatTemplate
 from ..errors import InsufficientMemoryError, ModelLoadError
 from ..sampling import GenerationOptions, recommended_sampling
+from ..speculative import MAX_DEPTH
 from ..tokenizer import Tokenizer, read_json
 from .runtime import Runtime
 
@@ -520,11 +521,12 @@ def load(
     shared by all sequences (default: the model's own, at most DEFAULT_CONTEXT, no more than
     fits in memory). n_threads: CPU threads (default: `default_threads`). n_seq_max: sequences
     at once. rollback: recurrent states kept per sequence to undo that many tokens (speculative
-    decoding on Qwen3.5/3.6). mtp: load the model's multi-token-prediction head, which `draft`
-    runs (True: the file must have one; "auto": where it has one; False: never)."""
+    decoding on Qwen3.5/3.6; with the MTP head, at least its MAX_DEPTH guesses). mtp: load the
+    model's multi-token-prediction head, which `draft` runs (True: the file must have one;
+    "auto": where it has one; False: never)."""
     path = Path(path).expanduser()
     if mtp not in (True, False, "auto"):
-        raise ValueError(f"mtp={mtp!r}: expected True, False or 'auto'")
+        raise ValueError(f"mtp={mtp!r}: a GGUF carries its MTP head itself; llama.cpp takes True, False or 'auto'")
     if kv_bits is not None and kv_bits not in _KV_BITS:
         raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
     if dtype is not None and dtype not in _KV_TYPES:
@@ -549,6 +551,7 @@ def load(
                 "that has one (mtp.* tensors) with mlxqwen convert --to gguf"
             )
         context = _context(model, path, max_context, kv_type, check_memory, head)
+        rollback = max(rollback, MAX_DEPTH) if head else rollback
         _errors.clear()
         ctx = _new_context(model, context, kv_type, n_threads, n_seq_max, rollback)
         if not ctx:
