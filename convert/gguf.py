@@ -266,9 +266,19 @@ def _canonical_weights(src: Path) -> tuple[dict[str, mx.array], ModelConfig]:
 
 
 def _mtp_weights(src: Path, cfg: ModelConfig) -> dict[str, mx.array]:
-    """The checkpoint's MTP head (lazy), in Hugging Face names, experts stacked like the decoder's."""
+    """The checkpoint's MTP head (lazy), in Hugging Face names, experts stacked like the decoder's;
+    an MLX directory's quantized head dequantized."""
     weights, _ = read_weights(src)
     mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+    quantization = cfg.quantization or {}
+    for scales in [k for k in mtp if k.endswith(".scales")]:
+        path = scales.removesuffix(".scales")
+        override = quantization.get(path)
+        params = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+        params.update(override if isinstance(override, dict) else {})
+        mtp[f"{path}.weight"] = mx.dequantize(
+            mtp[f"{path}.weight"], mtp.pop(scales), mtp.pop(f"{path}.biases", None), **params
+        )
     for layer in range(_mtp_layers(mtp)):
         if cfg.num_experts:
             stack_experts(mtp, f"mtp.layers.{layer}.mlp", cfg.num_experts)

@@ -21,6 +21,7 @@ from mlxqwen.llm import last
 pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
+from mlxqwen.convert import convert  # noqa: E402
 from mlxqwen.convert.gguf import convert_to_gguf  # noqa: E402
 from test_gguf import _LINEAR, VOCAB  # noqa: E402
 from test_mtp import PROMPTS  # noqa: E402
@@ -211,3 +212,21 @@ def test_greedy_output_is_the_same_with_the_head(with_head):
         assert engine_greedy(llm, PROMPTS) == expected
     done = last(llm.stream(PROMPTS[1], raw=True, temperature=0, max_tokens=24))
     assert done.stats.draft_tokens >= 3 * 20 and done.stats.accepted_tokens < done.stats.draft_tokens / 4
+
+
+def test_mlx_directory_keeps_its_head(with_head, tmp_path):
+    """An MLX 4-bit directory, whose head is quantized with the rest, converts to a GGUF whose head
+    drafts what the MLX runtime drafts from that directory."""
+    _, _, src, _ = with_head
+    mlx_dir = convert(src, tmp_path / "mlx", recipe="4bit", dtype="float32").output
+    path = convert_to_gguf(mlx_dir, tmp_path / "m.gguf", "F32")
+    prompt = np.random.RandomState(4).randint(0, 151_000, 10).tolist()
+    drafts = []
+    for runtime in (load(path), mlx_backend.load(mlx_dir, dtype=mx.float32, mtp=True)):
+        seq, following = fed(runtime, prompt)
+        drafted = Recorder()
+        drafts.append((following, runtime.draft([seq], mx.array([following]), DEPTH, drafted).tolist(), drafted.logits))
+    (following, guesses, logits), expected = drafts[0], drafts[1]
+    assert (following, guesses) == expected[:2]
+    for got, want in zip(logits, expected[2], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
