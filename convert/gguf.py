@@ -5,7 +5,9 @@ per-expert or fused experts, MLX quantized) into its canonical form: Qwen3.5 dec
 already hold 1 + w, conv1d is [C, K, 1]. This module maps that form onto llama.cpp's tensors
 (names from gguf-py's TensorNameMap), writes the metadata and the tokenizer, and streams the
 tensors to disk one at a time. F32/F16/BF16/Q8_0 are written by gguf-py; K-quants are made
-from a BF16 file by llama.cpp's own quantizer (llama-cpp-python).
+from a BF16 file by llama.cpp's own quantizer (llama-cpp-python). A Qwen3.5/3.6 checkpoint's
+multi-token-prediction head (`mtp.*`) is written as llama.cpp's qwen35 format defines it
+(the `nextn` tensors), unless `no_mtp`.
 
 Also the `gguf` output format of `mlxqwen convert` (OPTIONS, default_output, convert; see api.py)."""
 
@@ -24,9 +26,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 from rich.progress import Progress
 
+from mlxqwen.checkpoint import read_weights
 from mlxqwen.config import ModelConfig
 from mlxqwen.errors import ModelLoadError
 from mlxqwen.loader import load_model
+from mlxqwen.models.moe import stack_experts
 
 from .api import ConvertResult
 from .errors import ConvertError
@@ -62,6 +66,14 @@ _PRE_TOKENIZERS = {
 _CHUNK_BYTES = 64 << 20  # fp32 rows converted and written at a time
 
 _QWEN35_DEFAULT_MROPE = [11, 11, 10]  # transformers' default for Qwen3.5 configs that omit it
+
+# The MTP head's own tensors -> llama.cpp's nextn tensors of the head's block
+_NEXTN = {
+    "fc": gguf.MODEL_TENSOR.NEXTN_EH_PROJ,  # joins [embedding, hidden state]
+    "pre_fc_norm_embedding": gguf.MODEL_TENSOR.NEXTN_ENORM,
+    "pre_fc_norm_hidden": gguf.MODEL_TENSOR.NEXTN_HNORM,
+    "norm": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM,
+}
 
 
 def llama_arch(cfg: ModelConfig, source: str) -> gguf.MODEL_ARCH:
@@ -103,11 +115,15 @@ def _rope_sections(cfg: ModelConfig, source: str) -> list[int]:
     return (sections + [0, 0, 0, 0])[:4]
 
 
-def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH, name: str, source: str) -> None:
+def _write_metadata(
+    w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH, name: str, source: str, mtp_layers: int
+) -> None:
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(cfg.num_hidden_layers + mtp_layers)  # the MTP head's layers come after the decoder's
+    if mtp_layers:
+        w.add_nextn_predict_layers(mtp_layers)
     if cfg.intermediate_size:
         w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
@@ -145,7 +161,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH,
         w.add_ssm_group_count(cfg.linear_num_key_heads)
         w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
         w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
-        recurrent = [t == "linear_attention" for t in cfg.layer_types]
+        recurrent = [t == "linear_attention" for t in cfg.layer_types] + [False] * mtp_layers
         w.add_array(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.recurrent_layers", recurrent)
 
 
@@ -249,6 +265,45 @@ def _canonical_weights(src: Path) -> tuple[dict[str, mx.array], ModelConfig]:
     return weights, cfg
 
 
+def _mtp_weights(src: Path, cfg: ModelConfig) -> dict[str, mx.array]:
+    """The checkpoint's MTP head (lazy), in Hugging Face names, experts stacked like the decoder's;
+    an MLX directory's quantized head dequantized."""
+    weights, _ = read_weights(src)
+    mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+    quantization = cfg.quantization or {}
+    for scales in [k for k in mtp if k.endswith(".scales")]:
+        path = scales.removesuffix(".scales")
+        override = quantization.get(path)
+        params = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+        params.update(override if isinstance(override, dict) else {})
+        mtp[f"{path}.weight"] = mx.dequantize(
+            mtp[f"{path}.weight"], mtp.pop(scales), mtp.pop(f"{path}.biases", None), **params
+        )
+    for layer in range(_mtp_layers(mtp)):
+        if cfg.num_experts:
+            stack_experts(mtp, f"mtp.layers.{layer}.mlp", cfg.num_experts)
+    return mtp
+
+
+def _mtp_layers(mtp: dict[str, mx.array]) -> int:
+    return len({k.split(".")[2] for k in mtp if k.startswith("mtp.layers.")})
+
+
+def _mtp_to_llama(key: str, value: mx.array, cfg: ModelConfig) -> tuple[str, mx.array]:
+    """One tensor of the MTP head as llama.cpp's qwen35 defines it: head layer i is block
+    n_layer + i (a decoder layer, named as the decoder's), the head's own tensors are that block's
+    nextn tensors. Every norm of the head computes x̂·(1 + w), as the decoder's do, so holds 1 + w."""
+    if "norm" in key and value.ndim == 1:
+        value = value.astype(mx.float32) + 1.0
+    _, part, rest = key.split(".", 2)
+    if part == "layers":
+        layer, rest = rest.split(".", 1)
+        return f"model.layers.{cfg.num_hidden_layers + int(layer)}.{rest}", value
+    if part in _NEXTN and rest == "weight":
+        return f"{gguf.TENSOR_NAMES[_NEXTN[part]].format(bid=cfg.num_hidden_layers)}.weight", value
+    return key, value  # no counterpart: the caller says so
+
+
 def _tensor_type(name: str, shape: tuple[int, ...], matrix_type: Q) -> Q:
     if len(shape) == 1 or not name.endswith(".weight") or name.endswith("_norm.weight"):
         return Q.F32
@@ -273,21 +328,28 @@ def _write_rows(f: BinaryIO, value: mx.array, qtype: Q) -> None:
         gguf.quants.quantize(chunk, qtype).tofile(f)
 
 
-def _write_gguf(src: Path, out: Path, name: str, matrix_type: Q, file_type: FT, progress: Progress | None) -> int:
-    """Write the GGUF; returns the number of parameters in it."""
+def _write_gguf(
+    src: Path, out: Path, name: str, matrix_type: Q, file_type: FT, progress: Progress | None, mtp: bool
+) -> int:
+    """Write the GGUF (with the MTP head where the checkpoint has one and `mtp`); returns the
+    number of parameters in it."""
     weights, cfg = _canonical_weights(src)
     source = str(src / "config.json")
     arch = llama_arch(cfg, source)
+    head = _mtp_weights(src, cfg) if mtp and cfg.family == "qwen3_5" else {}
     w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
     w.add_file_type(file_type)
-    _write_metadata(w, cfg, arch, name, source)
+    _write_metadata(w, cfg, arch, name, source, _mtp_layers(head))
     _write_tokenizer(w, src, cfg.vocab_size)
 
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers + _mtp_layers(head))
+    weights.update(_mtp_to_llama(key, value, cfg) for key, value in head.items())
+    del head
     plan: list[tuple[mx.array, Q, int]] = []
     for key in list(weights):
         key, value = _to_llama(key, weights.pop(key), cfg)
-        tensor = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        # the nextn tensors are named already; TensorNameMap knows the rest
+        tensor = key if key.startswith("blk.") else names.get_name(key, try_suffixes=(".weight", ".bias"))
         if tensor is None:
             raise ModelLoadError(f"{src}: tensor {key!r} has no counterpart in llama.cpp's {w.arch}")
         qtype = _tensor_type(tensor, value.shape, matrix_type)
@@ -340,16 +402,16 @@ def _llama_quantize(src: Path, out: Path, file_type: FT, progress: Progress | No
         progress.update(task, total=1, completed=1)
 
 
-def _export(src: Path, out: Path, name: str, quant: str, progress: Progress | None, force: bool) -> int:
+def _export(src: Path, out: Path, name: str, quant: str, progress: Progress | None, force: bool, mtp: bool) -> int:
     if quant not in QUANTS:
         raise ConvertError(f"--quant {quant}: not a GGUF type this converter writes (one of {', '.join(QUANTS)})")
     matrix_type, file_type, requantize = QUANTS[quant]
     with staged(out, force, src) as tmp:
         if requantize is None:
-            return _write_gguf(src, tmp, name, matrix_type, file_type, progress)
+            return _write_gguf(src, tmp, name, matrix_type, file_type, progress, mtp)
         intermediate = tmp.with_name(f"{tmp.name}.{matrix_type.name}")
         try:
-            params = _write_gguf(src, intermediate, name, matrix_type, file_type, progress)
+            params = _write_gguf(src, intermediate, name, matrix_type, file_type, progress, mtp)
             _llama_quantize(intermediate, tmp, requantize, progress)
         finally:
             intermediate.unlink(missing_ok=True)
@@ -362,34 +424,43 @@ def convert_to_gguf(
     quant: str = "Q8_0",
     progress: Progress | None = None,
     force: bool = False,
+    no_mtp: bool = False,
 ) -> Path:
-    """Write the checkpoint at `src_dir` as one GGUF file at `out_path` that llama.cpp loads.
+    """Write the checkpoint at `src_dir` as one GGUF file at `out_path` that llama.cpp loads, with
+    its MTP head unless `no_mtp`.
 
     The file appears only when complete; an existing one is replaced only with `force`."""
     src, out = Path(src_dir).expanduser(), Path(out_path).expanduser()
-    _export(src, out, src.name, quant, progress, force)
+    _export(src, out, src.name, quant, progress, force, not no_mtp)
     return out
 
 
 # The `gguf` output format of `mlxqwen convert` (see api.py).
 OPTIONS: dict[str, dict[str, Any]] = {
     "quant": {"choices": list(QUANTS), "default": "Q8_0", "help": "GGUF tensor type (default Q8_0)"},
+    "no_mtp": {"action": "store_true", "help": "leave the multi-token-prediction head (mtp.*) out"},
 }
 
 
-def label(quant: str = "Q8_0") -> str:
+def label(quant: str = "Q8_0", **_: Any) -> str:
     return quant
 
 
-def default_output(name: str, quant: str = "Q8_0") -> str:
+def default_output(name: str, quant: str = "Q8_0", **_: Any) -> str:
     return f"{name}-{quant}.gguf"
 
 
 def convert(
-    source: Source, output: Path, *, force: bool = False, progress: Progress | None = None, quant: str = "Q8_0"
+    source: Source,
+    output: Path,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    quant: str = "Q8_0",
+    no_mtp: bool = False,
 ) -> ConvertResult:
     start = time.perf_counter()
     output = Path(output).expanduser()
-    params = _export(source.path, output, source.name, quant, progress, force)
+    params = _export(source.path, output, source.name, quant, progress, force, not no_mtp)
     size = output.stat().st_size  # tensors and the tokenizer (a few MB)
     return ConvertResult(output, quant, size, 8 * size / params, time.perf_counter() - start)
