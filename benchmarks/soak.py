@@ -15,9 +15,11 @@ with requests stopped midway among them:
 Resident memory (/proc/self/statm) and MLX memory (active, cache, peak) are sampled after every
 request. Figures: the baseline before the load, after a warm-up (a short round of all three
 kinds), at the end, the growth after the warm-up (aim: under 5 %), and the memory once the
-model is closed and collected, against the baseline. Every reply runs to its max_tokens (EOS
-is ignored) so that lengths are as set. A plot of memory over requests goes to --plot; it needs
-matplotlib (`pip install "mlxqwen[bench]"`).
+model is closed and collected, against the baseline (and after glibc's malloc_trim, which tells
+memory the allocator keeps from memory still held). The prefix cache's entries (states kept
+across requests, up to its budget) are counted apart: "growth less prefix cache". Every reply
+runs to its max_tokens (EOS is ignored) so that lengths are as set. A plot of memory over
+requests goes to --plot; it needs matplotlib (`pip install "mlxqwen[bench]"`).
 
 Models: the demo model (MLX 4-bit and its GGUF), or with --hidden a Qwen3.5-shaped random 4-bit
 model built as in bench_batch.py (and its GGUF Q4_K_M).
