@@ -18,7 +18,7 @@ MLX and llama.cpp (the same weights as GGUF Q4_K_M, written with the head):
 
 Plain MLX decoding against mlx-lm is `bench_decode.py`'s.
 
-    python benchmarks/bench_mtp.py [--rounds 5] [--max-tokens 160] [--backend mlx llama.cpp]
+    python benchmarks/bench_mtp.py [--rounds 5] [--max-tokens 160] [--backend mlx llama.cpp] [--models demo random]
 """
 
 from __future__ import annotations
@@ -197,25 +197,30 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024, help="the Qwen3.5-shaped model's hidden size")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--backend", nargs="+", default=["mlx", "llama.cpp"], choices=["mlx", "llama.cpp"])
+    parser.add_argument("--models", nargs="+", default=["demo", "random"], choices=["demo", "random"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        demo = {"mlx": model_path()}
-        random = {"mlx": write_quantized_checkpoint(tmp / "q4", qwen3_5_config(args.hidden, args.layers), mtp=True)}
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy(TOKENIZER / name, random["mlx"] / name)
-        if "llama.cpp" in args.backend:
-            from mlxqwen.convert.gguf import convert_to_gguf
+        if "demo" in args.models:
+            for backend in args.backend:
+                path = model_path() if backend == "mlx" else gguf_with_head(model_path(), tmp / "demo-Q4_K_M.gguf")
+                rates = model_rows(f"demo, {backend}", path, backend, args.rounds, args.max_tokens)
+            projection(rates)
+        if "random" in args.models:
+            config = qwen3_5_config(args.hidden, args.layers)
+            checkpoint = write_quantized_checkpoint(tmp / "q4", config, mtp=True)
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                shutil.copy(TOKENIZER / name, checkpoint / name)
+            for backend in args.backend:
+                path = checkpoint if backend == "mlx" else gguf_with_head(checkpoint, tmp / "q4-Q4_K_M.gguf")
+                shape = f"Qwen3.5-shaped 4-bit, hidden {args.hidden}, {args.layers} layers, random head, {backend}"
+                model_rows(shape, path, backend, args.rounds, args.max_tokens)
 
-            demo["llama.cpp"] = convert_to_gguf(model_path(), tmp / "demo-Q4_K_M.gguf", "Q4_K_M")
-            random["llama.cpp"] = convert_to_gguf(random["mlx"], tmp / "q4-Q4_K_M.gguf", "Q4_K_M")
-        rates = None
-        for backend in args.backend:
-            rates = model_rows(f"demo, {backend}", demo[backend], backend, args.rounds, args.max_tokens)
-        for backend in args.backend:
-            shape = f"Qwen3.5-shaped 4-bit, hidden {args.hidden}, {args.layers} layers, random head, {backend}"
-            model_rows(shape, random[backend], backend, args.rounds, args.max_tokens)
-        projection(rates)
+
+def gguf_with_head(source: Path, out: Path) -> Path:
+    from mlxqwen.convert.gguf import convert_to_gguf
+
+    return convert_to_gguf(source, out, "Q4_K_M")
 
 
 if __name__ == "__main__":

@@ -96,5 +96,7 @@ class DepthChooser:
                 self.accepted[j] = 0.95 * self.accepted[j] + (j < n)
         key = (depth, batch)
         if key in self.measured:  # not the first step: that one built new shapes
-            self.seconds[key] = seconds if key not in self.seconds else 0.7 * self.seconds[key] + 0.3 * seconds
+            if key in self.seconds:  # a step slowed by something else (another process) counts as 3 at most
+                seconds = 0.7 * self.seconds[key] + 0.3 * min(seconds, 3 * self.seconds[key])
+            self.seconds[key] = seconds
         self.measured[key] = self.steps

@@ -441,3 +441,20 @@ def test_fit_agrees_with_load_on_kv_bits(tmp_path, monkeypatch):
     assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
     with pytest.raises(ValueError, match="head size 16 is not a multiple of 32"):
         mlxqwen.load(save_checkpoint(build_reference("qwen3"), tmp_path / "h16"), kv_bits=8)
+
+
+@pytest.mark.parametrize("cache", [KVCache, QuantizedKVCache], ids=["kv", "quantized"])
+def test_a_snapshot_holds_only_what_it_counts(cache):
+    """A snapshot of 10 positions keeps those rows, not the 256-row buffer they were written into:
+    the prefix cache's budget counts snapshot bytes, so anything more would be memory it never sees."""
+    kv = cache()
+    kv.update_and_fetch(mx.ones((1, 4, 10, 64)), mx.ones((1, 4, 10, 64)))
+    mx.eval(kv.state)
+    mx.clear_cache()
+    before = mx.get_active_memory() - sum(a.nbytes for a in kv.state)
+    snapshot = kv.snapshot()
+    held = [a for part in snapshot[:2] for a in (part if isinstance(part, tuple) else (part,))]
+    mx.eval(held)
+    del kv
+    mx.clear_cache()
+    assert mx.get_active_memory() - before == sum(a.nbytes for a in held) < 40_000
