@@ -283,6 +283,7 @@ class Engine:
                     self._idle = not (self._incoming or self._waiting or self._active or self._warm)
                     if self._idle:
                         self._last_step = None  # the wait is not a step's time
+                        mx.clear_cache()  # MLX keeps freed buffers for reuse; idle, they go back to the system
                     self._lock.notify_all()
                     while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
                         self._lock.wait()
