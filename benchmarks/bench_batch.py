@@ -154,7 +154,7 @@ def projection(streams: int) -> tuple[float, float]:
             "max_position_embeddings": 262144,
         }
     )
-    plan = memory.estimate(cfg, 4096, weights=int(15.5e9), dtype=mx.bfloat16)
+    plan = memory.mlx_estimate(cfg, 4096, weights=int(15.5e9), dtype=mx.bfloat16)
     per_sequence = plan.kv_cache + plan.recurrent_state
     step = (plan.weights + streams * per_sequence) / 546e9
     one = (plan.weights + per_sequence) / 546e9
