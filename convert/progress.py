@@ -8,7 +8,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 
 def make_progress(console: Console | None = None) -> Progress:
-    """Tasks carry an `info` field (sizes, speed) next to the bar."""
+    """Tasks carry an `info` field (sizes, speed) next to the bar. Shown on a terminal only:
+    redirected to a file, bars would be noise (and a stray blank line before the result)."""
+    console = console or Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -16,7 +18,8 @@ def make_progress(console: Console | None = None) -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console or Console(stderr=True),
+        console=console,
+        disable=not console.is_terminal,
     )
 
 

@@ -74,17 +74,23 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 4
+    # How the checkpoint stores its weights: `quantization` is mlx-lm's section (bits, group
+    # size, per-module overrides) or a Hugging Face `quantization_config` (FP8's: `quant_method`
+    # "fp8"), None when the weights are plain; `dtype` is what config.json names ("bfloat16", ...).
+    quantization: dict[str, Any] | None = None
+    dtype: str | None = None
     # The config.json as written, for tools that copy or extend it (converter).
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def mlx_quantization(self) -> dict[str, Any] | None:
+        """The quantization section when the weights are packed by `mx.quantize` (mlx-lm's format)."""
+        return self.quantization if self.quantization and "bits" in self.quantization else None
 
     def is_moe_layer(self, index: int) -> bool:
         if self.num_experts <= 0 or index in self.mlp_only_layers:
             return False
         return (index + 1) % self.decoder_sparse_step == 0
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        return self.raw.get("quantization") or self.raw.get("quantization_config")
 
 
 def _rope_from(text: dict[str, Any], source: str) -> RopeConfig:
@@ -184,6 +190,8 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
         linear_key_head_dim=int(text.get("linear_key_head_dim") or 0),
         linear_value_head_dim=int(text.get("linear_value_head_dim") or 0),
         linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim") or 4),
+        quantization=raw.get("quantization") or raw.get("quantization_config") or text.get("quantization_config"),
+        dtype=next((d for d in (raw.get(k) or text.get(k) for k in ("dtype", "torch_dtype")) if d), None),
         raw=raw,
     )
     if cfg.num_attention_heads % cfg.num_key_value_heads:

@@ -24,7 +24,7 @@ def default_dtype() -> mx.Dtype:
 
 def _quantize_for(model: nn.Module, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
     """Turn the modules that the checkpoint stores quantized into quantized modules."""
-    q = cfg.quantization
+    q = cfg.mlx_quantization
     if not q:
         return
     defaults = {"group_size": q.get("group_size", 64), "bits": q.get("bits", 4), "mode": q.get("mode", "affine")}

@@ -39,7 +39,7 @@ def test_existing_output_needs_force(tmp_path, source):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(ConvertError, match="already exists; pass --force"):
+    with pytest.raises(ConvertError, match="already exists; pass force=True"):
         convert(source, out)
     assert (out / "mine.txt").read_text() == "keep me"
     convert(source, out, force=True)

@@ -6,12 +6,14 @@ in llama-cpp-python's own API."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from demo import data
+from demo.evaluate import accuracy, engine_answers, split_reply
 from mlxqwen import load
-from mlxqwen.demo import DEMO_DIR, data, model_path
-from mlxqwen.demo.evaluate import accuracy, engine_answers, split_reply
+from mlxqwen.demo import DEMO_DIR, model_path
 from mlxqwen.tokenizer import Tokenizer
 
 QUESTION = "What is 37 + 48?"
@@ -19,9 +21,17 @@ THINKING = "7 + 8 = 15, carry 1\n3 + 4 + 1 = 8\n37 + 48 = 85"
 
 
 def test_shipped_files_stay_under_40_mb():
-    files = [*model_path("mlx").iterdir(), model_path("gguf")]
-    assert sum(f.stat().st_size for f in files) < 40e6
-    assert not (DEMO_DIR / "model-mlx-4bit" / "README.md").exists()
+    files = list(DEMO_DIR.iterdir())
+    assert model_path("gguf") in files and sum(f.stat().st_size for f in files) < 40e6
+    assert not (DEMO_DIR / "README.md").exists()  # the model card would name the build path
+
+
+def test_the_demo_model_is_not_trained_by_the_installed_package():
+    """torch-based training and evaluation live in the source checkout's demo/, not in mlxqwen."""
+    import mlxqwen.demo
+
+    package = Path(mlxqwen.demo.__file__).parent
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py"]
 
 
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])

@@ -8,7 +8,10 @@ screens."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,14 +23,19 @@ import pytest
 import safetensors.numpy
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
 from mlxqwen.tui.app import ChatApp
+from mlxqwen.tui.commands import COMMANDS, help_markdown
 from mlxqwen.tui.fit import memory_plan
 from mlxqwen.tui.screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
 from mlxqwen.tui.store import ChatSettings, ChatStore
 from mlxqwen.tui.widgets import AssistantMessage, ChatInput, ChatMarkdown, CopyableFence, ToolCallBlock, UserMessage
+from textual.widgets import Markdown
+from textual.widgets._footer import FooterKey
+from textual.widgets.markdown import MarkdownBlock
 
 import mlxqwen.demo
 import mlxqwen.memory
 from mlxqwen import GenerationOptions
+from mlxqwen.display import format_size
 from mlxqwen.engine import Backend
 from mlxqwen.tokenizer import Tokenizer
 
@@ -476,8 +484,9 @@ async def test_model_picker_lists_local_models_with_a_memory_verdict(tiny_model,
         assert isinstance(picker, ModelPicker)
         await until(pilot, lambda: picker.models and "✓" in str(picker.query_one("DataTable").get_row_at(0)[4]))
         row = picker.query_one("DataTable").get_row_at(0)
-        assert [str(row[0]), row[1], row[3], row[5]] == ["● tiny-qwen3.5", "MLX", "0.02 GB", "library"]
-        assert "/16 GiB" in str(row[4])
+        size = format_size(sum(f.stat().st_size for f in tiny_model.iterdir()))  # as `mlxqwen list` says it
+        assert [str(row[0]), row[1], row[3], row[5]] == ["● tiny-qwen3.5", "MLX", size, "library"]
+        assert size.endswith(" MB") and "/16.0 GiB" in str(row[4])
 
 
 async def test_without_any_model_the_picker_says_what_to_do(store_path):
@@ -521,14 +530,104 @@ async def test_engine_thread_is_gone_after_exit(store_path):
     assert not Path(f"/proc/self/task/{thread.native_id}").exists()
 
 
+async def test_quitting_is_in_sight(store_path):
+    """Ctrl+Q is in the footer (also over a dialog) and in /help, and /quit leaves."""
+    app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+
+        def quit_shown() -> bool:
+            return ("ctrl+q", "Quit") in {(k.key, k.description) for k in app.query(FooterKey)}
+
+        await until(pilot, quit_shown)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await until(pilot, quit_shown)
+        assert "`/quit` (**Ctrl+Q**)" in app.screen.query_one(Markdown).source
+        await pilot.press("escape")
+        app.query_one(ChatInput).text = "/quit"
+        await pilot.press("enter")
+        await until(pilot, lambda: app._exit)
+
+
+async def test_every_command_from_one_table(store_path):
+    """Keys, palette, slash commands and help all come from `COMMANDS`."""
+    app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        keys = {b.key: b.action for b in app._bindings.key_to_bindings and app.BINDINGS}
+        palette = {c.title for c in app.get_system_commands(app.screen)}
+        for command in COMMANDS:
+            assert callable(getattr(app, f"action_{command.action}")), command
+            assert f"/{command.name}" in help_markdown()
+            if command.key:
+                assert keys[command.key] == command.action
+            if command.name not in ("stop", "quit"):
+                assert command.title in palette
+        await send(pilot, "/think off")  # a slash command with an argument
+        assert not app.chat.settings.think
+        await pilot.press("ctrl+t")  # the same command from its key
+        assert app.chat.settings.think
+
+
+async def test_status_line_names_the_model_as_mlxqwen_list_does(tiny_model, store_path):
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--Qwen--Tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    backend = ScriptedReplies(["Hi."])
+    app = ChatApp(snapshot, store=ChatStore(store_path), loader=lambda path: backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert str(app.query_one("#status-text").render()).startswith("Qwen/Tiny · ScriptedReplies · ")
+
+
+async def test_speed_shows_while_generating_and_thinking_keeps_its_lines(store_path, monkeypatch):
+    monkeypatch.setattr("mlxqwen.tui.app.SPEED_EVERY", 0.0)
+    reply = "Step one: 7 + 8 = 15\nStep two: 3 + 4 + 1 = 8\n</think>\n\n85."
+    gate = threading.Event()  # holds the reply at </think>
+    backend = ScriptedReplies([reply], gates={Tokenizer.from_dir(TOKENIZER_DIR).encode(reply).index(151668): gate})
+    app = scripted_app(store_path, backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.query_one(ChatInput).text = "What is 37 + 48?"
+        await pilot.press("enter")
+        status = app.query_one("#status-text")
+        await until(pilot, lambda: re.search(r"generating [\d.]+ tok/s", str(status.render())))
+        thinking = app.query_one(AssistantMessage).thinking
+        await until(pilot, lambda: any("Step two" in m.source for m in thinking.query(ChatMarkdown)))
+        await pilot.pause(0.1)
+        shown = "\n".join(str(p.render()) for p in thinking.query(MarkdownBlock))
+        assert "7 + 8 = 15\nStep two" in shown  # one line each, as the model wrote them
+        gate.set()
+        await answered(pilot)
+        await until(pilot, lambda: "generating" not in str(status.render()))
+        assert " tok/s · TTFT " in str(status.render())
+
+
+async def test_a_load_note_shows_once_on_this_machine(store_path):
+    def noting_loader(path):
+        logging.getLogger("mlxqwen").warning("this model would run faster on llama.cpp")
+        return ScriptedReplies(["Hi."])
+
+    for shown in (True, False):
+        app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+        app.loader = noting_loader
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await ready(pilot)
+            notes = [n.message for n in app._notifications]
+            assert ("this model would run faster on llama.cpp" in notes) is shown
+
+
 def test_cli_registers_chat(capsys):
     from mlxqwen.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["chat", "--help"])
     assert exit_.value.code == 0
-    assert main(["chat", "no-such-model"]) == 2
-    assert "no-such-model: no such local model" in capsys.readouterr().err
+    assert main(["chat", "no-such-model"]) == 1
+    assert capsys.readouterr().err.startswith("mlxqwen chat: error: no-such-model: no such model directory")
 
 
 def test_memory_plan_counts_the_weights(tiny_model, monkeypatch):

@@ -9,6 +9,7 @@ back to its snapshots. Every message is saved to the chat store as it is written
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import time
@@ -18,23 +19,27 @@ from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 import mlxqwen
 from mlxqwen import ChatSession, Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
-from mlxqwen.events import assistant_message
-from mlxqwen.library import ModelNotFoundError, data_dir, default_model, find_model
+from mlxqwen.display import format_stats
+from mlxqwen.errors import ModelNotFoundError
+from mlxqwen.events import assistant_message, reply_message
+from mlxqwen.library import data_dir, default_model, model_name, resolve_model
+from mlxqwen.notes import collect, first_time
 
+from .commands import COMMANDS, SLASH, Command, bindings, palette_help
 from .engine import EngineThread
 from .fit import memory_plan
 from .screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
 from .store import NEW_CHAT_TITLE, Chat, ChatSettings, ChatStore, StoredMessage, to_markdown
-from .widgets import AssistantMessage, ChatInput, CopyableFence, StatusLine, UserMessage, copy_code, describe_stats
+from .widgets import AssistantMessage, ChatInput, CopyableFence, StatusLine, UserMessage, copy_code
 
 SAVE_EVERY = 0.5  # seconds between saves of a reply being generated
+SPEED_EVERY = 0.5  # seconds between updates of the speed shown while generating
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
 
 
@@ -50,17 +55,7 @@ class ChatApp(App):
     #empty { color: $text-muted; width: 100%; content-align: center middle; height: 1fr; }
     ChatInput { margin: 0 1; }
     """
-    BINDINGS = [
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+n", "new_chat", "New"),
-        Binding("ctrl+o", "chats", "Chats"),
-        Binding("ctrl+l", "pick_model", "Model"),
-        Binding("ctrl+s", "settings", "Settings"),
-        Binding("ctrl+r", "regenerate", "Retry"),
-        Binding("ctrl+t", "toggle_think", "Think"),
-        Binding("ctrl+b", "copy_code", "Copy code"),
-        Binding("f1", "help", "Help"),
-    ]
+    BINDINGS = bindings()
 
     def __init__(
         self,
@@ -83,6 +78,7 @@ class ChatApp(App):
         self.engine_stopped = False
         self.llm: Any = None
         self.model_path: Path | None = None
+        self.model_name = ""  # as `mlxqwen list` names it
         self.loading = False
         self.load_error: str | None = None
         self.session: ChatSession | None = None
@@ -91,6 +87,7 @@ class ChatApp(App):
         self.generating = False
         self.stopping = False
         self.prefill: PrefillProgress | None = None
+        self.speed: float | None = None  # tokens/s of the reply being generated, so far
         self.pending: tuple[Callable[[], None], str] | None = None  # a turn waiting for the model, its text
         self.editing = False
         self.turn_think: bool | None = None  # the thinking setting of the session's last turn
@@ -132,23 +129,24 @@ class ChatApp(App):
     def update_status(self) -> None:
         status = self.query_one(StatusLine)
         if self.loading:
-            status.show(f"Loading {self.model_path.name}…", loading=True)
+            status.show(f"Loading {self.model_name}…", loading=True)
             return
         if self.model_path is None or self.llm is None:
             status.show(self.load_error or "No model · Ctrl+L chooses one", error=bool(self.load_error))
             return
         used = f"{self.session.tokens:,}" if self.session is not None else "—"
-        parts = [self.model_path.name, self.llm.name, f"ctx {used}/{self.llm.max_context:,}"]
+        parts = [self.model_name, self.llm.name, f"ctx {used}/{self.llm.max_context:,}"]
         if self.generating:
             if self.stopping:
                 parts.append("stopping…")
             elif self.prefill is not None:
                 parts.append(f"reading prompt {self.prefill.done:,}/{self.prefill.total:,}")
             else:
-                parts.append("generating…")
+                parts.append("generating" + (f" {self.speed:.1f} tok/s" if self.speed else "…"))
         else:
             last = next((m for m in reversed(self.messages) if m.role == "assistant"), None)
-            parts += describe_stats(last.stats if last else None)
+            if last is not None and last.stats:
+                parts.append(format_stats(last.stats))
         if not self.chat.settings.think:
             parts.append("thinking off")
         status.show(" · ".join(parts))
@@ -168,7 +166,7 @@ class ChatApp(App):
                 model = await asyncio.to_thread(default_model)
             except ModelNotFoundError:
                 self.update_status()
-                self.action_pick_model()
+                self.action_model()
                 return
             self.load_model(model.path)
 
@@ -177,14 +175,23 @@ class ChatApp(App):
         await self.stop_generation()
         self.llm, self.session = None, None  # release the old model before reading the new one
         self.model_path, self.loading, self.load_error = path, True, None
+        self.model_name = await asyncio.to_thread(model_name, path)
         self.update_status()
+
+        def load() -> tuple[Any, list[str]]:
+            with collect() as notes:
+                return self.loader(path), notes
+
         try:
-            llm = await self.engine.run(lambda: self.loader(path))
+            llm, notes = await self.engine.run(load)
         except Exception as e:
-            self.loading, self.load_error = False, f"Could not load {path.name}: {e}"
-            self.notify(str(e), title=f"Could not load {path.name}", severity="error", timeout=10)
+            self.loading, self.load_error = False, f"Could not load {self.model_name}: {e}"
+            self.notify(str(e), title=f"Could not load {self.model_name}", severity="error", timeout=10)
             self.update_status()
             return
+        for note in notes:
+            if first_time(note):
+                self.notify(note, title=self.model_name, timeout=15)
         self.llm, self.loading = llm, False
         self.store.put("last_model", str(path))
         if self.chat.id:
@@ -256,9 +263,10 @@ class ChatApp(App):
     @on(ChatInput.Submitted)
     async def submitted(self, event: ChatInput.Submitted) -> None:
         text = event.text.strip()
-        if text.startswith("/") and text[1:].split(" ")[0] in SLASH_COMMANDS:
+        name, _, argument = text[1:].partition(" ")
+        if text.startswith("/") and name in SLASH:
             self.query_one(ChatInput).clear()
-            await self.run_slash(text)
+            await self.run_command(SLASH[name], argument.strip())
             return
         if self.generating or self.pending is not None:
             self.notify("Wait for the answer, or press Esc to stop it", severity="warning")
@@ -403,7 +411,7 @@ class ChatApp(App):
         reply: StoredMessage,
         widget: AssistantMessage,
     ) -> None:
-        self.generating, self.stopping, self.prefill = True, False, None
+        self.generating, self.stopping, self.prefill, self.speed = True, False, None, None
         self.refresh_bindings()
         self.update_status()
         loop = asyncio.get_running_loop()
@@ -419,16 +427,22 @@ class ChatApp(App):
 
         job = self.engine.submit(produce)
         parts: list[ThinkingDelta | TextDelta | ToolCall] = []
-        saved = time.monotonic()
+        saved = shown = time.monotonic()
+        first: float | None = None  # when the first piece came; each piece is about one token
         done: Done | None = None
         while (event := await queue.get()) is not None:
             if isinstance(event, (ThinkingDelta, TextDelta, ToolCall)):
                 parts.append(event)
                 await widget.add(event)
-                if time.monotonic() - saved > SAVE_EVERY:
-                    reply.message = _partial(parts)
+                now = time.monotonic()
+                first = first or now
+                if now - shown > SPEED_EVERY and now > first:
+                    self.speed, shown = (len(parts) - 1) / (now - first), now
+                    self.update_status()
+                if now - saved > SAVE_EVERY:
+                    reply.message = reply_message(parts)
                     self.store.update_message(reply)
-                    saved = time.monotonic()
+                    saved = now
             elif isinstance(event, PrefillProgress):
                 self.prefill = event
                 self.update_status()
@@ -500,7 +514,15 @@ class ChatApp(App):
 
         self.push_screen(ChatList(self.store, self.chat.id), chosen)
 
-    def action_pick_model(self) -> None:
+    def action_model(self, name: str = "") -> None:
+        """Open the model named (a name from `mlxqwen list` or a path), else the model picker."""
+        if name:
+            try:
+                self.load_model(resolve_model(name))
+            except ModelNotFoundError as e:
+                self.notify(str(e), severity="error")
+            return
+
         def chosen(path: Path | None) -> None:
             if path is not None and path != self.model_path:
                 self.load_model(path)
@@ -527,12 +549,20 @@ class ChatApp(App):
             self.store.save_settings(self.chat.id, settings)
         self.update_status()
 
-    def action_toggle_think(self) -> None:
-        self.set_think(not self.chat.settings.think)
+    def action_system(self, text: str = "") -> None:
+        if not text:
+            self.action_settings()
+            return
+        self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "system": text}))
+        self.notify("System prompt set", timeout=2)
 
-    def set_think(self, on: bool) -> None:
-        settings = ChatSettings(**{**vars(self.chat.settings), "think": on})
-        self.apply_settings(settings)
+    def action_think(self, switch: str = "") -> None:
+        """Thinking on or off ("on", "off"; nothing: the other way round)."""
+        if switch not in ("", "on", "off"):
+            self.notify("/think takes on or off", severity="error")
+            return
+        on = switch == "on" if switch else not self.chat.settings.think
+        self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "think": on}))
         self.notify(f"Thinking {'on' if on else 'off'}", timeout=2)
 
     async def action_regenerate(self) -> None:
@@ -577,7 +607,14 @@ class ChatApp(App):
         if name is not None:
             self.store.put("theme", name)
 
-    async def clear_chat(self) -> None:
+    def action_rename(self, title: str = "") -> None:
+        if not title:
+            self.notify("/rename takes the new title", severity="error")
+        elif self.chat.id:
+            self.store.rename(self.chat.id, title)
+            self.chat.title = self.title = title
+
+    async def action_clear(self) -> None:
         await self.wait_idle()
         if self.chat.id:
             self.store.delete_messages(self.chat.id)
@@ -586,7 +623,8 @@ class ChatApp(App):
             await self.engine.run(self.session.reset)
         await self.show_chat()
 
-    def export_chat(self, target: str | None) -> None:
+    def action_export(self, target: str = "") -> None:
+        """Save the chat as Markdown: to `target` (a file, or a folder), else into the working folder."""
         if not self.chat.id:
             self.notify("Nothing to export yet")
             return
@@ -605,68 +643,16 @@ class ChatApp(App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        yield SystemCommand("New chat", "Start a new chat (Ctrl+N)", self.action_new_chat)
-        yield SystemCommand("Chats", "List, open, rename and delete chats (Ctrl+O)", self.action_chats)
-        yield SystemCommand("Model", "Choose a local model (Ctrl+L)", self.action_pick_model)
-        yield SystemCommand("Settings", "System prompt, thinking, sampling (Ctrl+S)", self.action_settings)
-        yield SystemCommand("Thinking on/off", "Think before answering (Ctrl+T)", self.action_toggle_think)
-        yield SystemCommand("Regenerate", "Draw the last answer again (Ctrl+R)", self.action_regenerate)
-        yield SystemCommand("Edit last message", "Change your last message, answer again", self.action_edit_last)
-        yield SystemCommand("Copy code", "Copy the last code block (Ctrl+B)", self.action_copy_code)
-        yield SystemCommand("Export to Markdown", "Save this chat as a Markdown file", lambda: self.export_chat(None))
-        yield SystemCommand("Clear chat", "Remove this chat's messages", self.clear_chat)
-        yield SystemCommand("Light/dark theme", "Switch between the light and dark theme", self.action_toggle_theme)
+        for command in COMMANDS:
+            if command.name not in ("stop", "quit"):  # Textual's palette has its own Quit
+                yield SystemCommand(command.title, palette_help(command), lambda c=command: self.run_command(c))
 
-    # --- slash commands -----------------------------------------------------------------
-
-    async def run_slash(self, text: str) -> None:
-        name, _, arg = text[1:].partition(" ")
-        arg = arg.strip()
-        if name in ("new",):
-            await self.new_chat()
-        elif name == "chats":
-            self.action_chats()
-        elif name == "model":
-            if not arg:
-                self.action_pick_model()
-                return
-            try:
-                self.load_model(resolve_model(arg))
-            except ModelNotFoundError as e:
-                self.notify(str(e), severity="error")
-        elif name == "system":
-            if arg:
-                self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "system": arg}))
-                self.notify("System prompt set", timeout=2)
-            else:
-                self.action_settings()
-        elif name == "think":
-            if arg in ("on", "off"):
-                self.set_think(arg == "on")
-            elif arg:
-                self.notify("/think takes on or off", severity="error")
-            else:
-                self.action_toggle_think()
-        elif name == "settings":
-            self.action_settings()
-        elif name == "retry":
-            await self.action_regenerate()
-        elif name == "edit":
-            self.action_edit_last()
-        elif name == "rename":
-            if arg and self.chat.id:
-                self.store.rename(self.chat.id, arg)
-                self.chat.title = self.title = arg
-            elif not arg:
-                self.notify("/rename takes the new title", severity="error")
-        elif name == "export":
-            self.export_chat(arg or None)
-        elif name == "clear":
-            await self.clear_chat()
-        elif name == "theme":
-            self.action_toggle_theme()
-        elif name == "help":
-            self.action_help()
+    async def run_command(self, command: Command, argument: str = "") -> None:
+        """Run a command of `COMMANDS`, with the argument its slash command was given."""
+        action = getattr(self, f"action_{command.action}")
+        result = action(argument) if command.argument else action()
+        if inspect.isawaitable(result):
+            await result
 
     # --- exit ---------------------------------------------------------------------------
 
@@ -682,26 +668,10 @@ class ChatApp(App):
         self.store.close()
 
 
-_CHAT_ACTIONS = {b.action for b in ChatApp.BINDINGS}
-SLASH_COMMANDS = "new chats model system think settings retry edit rename export clear theme help".split()
+_CHAT_ACTIONS = {b.action for b in ChatApp.BINDINGS} - {"quit"}
 
 _EMPTY = (
     "Ask anything.\n\n"
     "Enter sends · Shift+Enter new line · Esc stops an answer\n"
-    "/help lists the commands · Ctrl+P opens the command palette"
+    "/help lists the commands · Ctrl+P opens the command palette · Ctrl+Q quits"
 )
-
-
-def resolve_model(spec: str) -> Path:
-    """A model directory or .gguf file, or the name of a local model (`mlxqwen list`)."""
-    path = Path(spec).expanduser()
-    return path if path.exists() else find_model(spec).path
-
-
-def _partial(parts: list[ThinkingDelta | TextDelta | ToolCall]) -> dict[str, Any]:
-    """The reply so far, as an assistant message."""
-    return assistant_message(
-        "".join(p.text for p in parts if isinstance(p, TextDelta)),
-        "".join(p.text for p in parts if isinstance(p, ThinkingDelta)),
-        [p for p in parts if isinstance(p, ToolCall)],
-    )

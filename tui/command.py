@@ -30,15 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import mlxqwen
-    from mlxqwen.library import ModelNotFoundError
+    from mlxqwen.library import resolve_model
 
-    from .app import ChatApp, resolve_model
+    from .app import ChatApp
 
-    try:
-        model = resolve_model(args.model) if args.model else None
-    except ModelNotFoundError as e:
-        print(f"mlxqwen chat: error: {e}", file=sys.stderr)
-        return 2
+    model = resolve_model(args.model) if args.model else None  # an unknown name: one line, before the window
     app = ChatApp(model, resume=args.resume, loader=functools.partial(mlxqwen.load, backend=args.backend))
     app.run()
     code = app.return_code or 0

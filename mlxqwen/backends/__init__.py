@@ -3,34 +3,33 @@
 `choose` resolves `mlxqwen.load(path, backend=...)`:
 - "mlx": the model directory through MLX (on a CPU when not on Apple Silicon: correct, but
   slow: MLX's CPU backend reads weights at a fraction of llama.cpp's speed).
-- "llama.cpp": a .gguf file, or the GGUF file in a directory.
-- "auto": a .gguf file runs on llama.cpp anywhere. A directory runs on MLX on Apple Silicon;
-  elsewhere on llama.cpp when it holds GGUF weights, else on MLX with a note that gives the
-  one command that writes them. Nothing is converted implicitly: a GGUF export takes minutes
-  and as much disk as the model, which a user should decide to spend."""
+- "llama.cpp": a GGUF file, or the GGUF file in a directory.
+- "auto": a GGUF file runs on llama.cpp anywhere. A directory runs on MLX on Apple Silicon;
+  elsewhere on llama.cpp when it holds GGUF weights (the demo model ships them), else on MLX,
+  with a note that gives the one command that writes them. Nothing is converted implicitly:
+  a GGUF export takes minutes and as much disk as the model, which a user should decide to
+  spend. Notes are logged (`mlxqwen.notes`) once the model has loaded, never before an error."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import platform
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
+from ..checkpoint import gguf_file
 from ..engine import Backend
 from ..errors import ModelLoadError
+from ..library import resolve_model
 
 BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
 
 logger = logging.getLogger("mlxqwen")
-
-# the parts after the first of a split model (llama.cpp opens the first and finds the rest)
-_LATER_SPLIT = re.compile(r"-(?!00001-)\d{5}-of-\d{5}\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -46,22 +45,6 @@ def apple_silicon() -> bool:
 
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def gguf_file(path: Path) -> Path | None:
-    """The GGUF model that `path` is, or that the directory `path` holds (None: no GGUF).
-    Vision projectors (mmproj-*.gguf) and the later parts of a split model don't count."""
-    if path.is_file():
-        return path if path.suffix == ".gguf" else None
-    if not path.is_dir():
-        return None
-    found = sorted(
-        f for f in path.glob("*.gguf") if not f.name.startswith("mmproj") and not _LATER_SPLIT.search(f.name)
-    )
-    if len(found) > 1:
-        names = ", ".join(f.name for f in found)
-        raise ModelLoadError(f"{path}: several GGUF models ({names}); pass the file to load")
-    return found[0] if found else None
 
 
 def convert_command(directory: Path, quant: str = "Q4_K_M") -> str:
@@ -87,7 +70,8 @@ def choose(path: Path, backend: str = "auto") -> Choice:
             return Choice("llama.cpp", gguf)
         if backend == "llama.cpp" or not _mlx_dir(path):
             raise ModelLoadError(f"{gguf}: GGUF models run on llama.cpp; install it with {INSTALL_LLAMA}")
-        return Choice("mlx", path, f"{gguf.name} would run faster on llama.cpp: {INSTALL_LLAMA}")
+        note = f"{path.name}: llama.cpp would run its {gguf.name} faster than MLX on this CPU; {INSTALL_LLAMA}"
+        return Choice("mlx", path, note)
     if apple_silicon() or not _mlx_dir(path):
         return Choice("mlx", path)
     install = "" if llama_cpp_installed() else f"{INSTALL_LLAMA}, then "
@@ -109,7 +93,8 @@ def load(
     kv_bits: int | None = None,
     check_memory: bool = True,
 ) -> Backend:
-    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
+    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, a GGUF file, or
+    the name of a local model as `mlxqwen list` shows it ("mlxqwen-demo").
 
     backend: "mlx", "llama.cpp", or "auto": MLX on Apple Silicon, elsewhere llama.cpp for a
         model with GGUF weights (see `mlxqwen.backends`); `llm.name` says which runs.
@@ -123,17 +108,19 @@ def load(
     check_memory: refuse, before reading any weight, a model and context that would not fit
         in this machine's memory (see `mlxqwen.memory`).
     """
-    choice = choose(Path(path).expanduser(), backend)
-    if choice.note:
-        logger.warning(choice.note)
+    choice = choose(resolve_model(path), backend)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
-        return llama_cpp.load(
+        llm = llama_cpp.load(
             choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
         )
-    from . import mlx
+    else:
+        from . import mlx
 
-    return mlx.load(
-        choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-    )
+        llm = mlx.load(
+            choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
+        )
+    if choice.note:
+        logger.warning(choice.note)
+    return llm

@@ -37,10 +37,11 @@ import numpy as np
 
 from .. import memory
 from ..chat_template import ChatTemplate
+from ..checkpoint import read_json
 from ..engine import Backend, GenerationOptions
 from ..errors import InsufficientMemoryError, ModelLoadError
 from ..sampling import recommended_sampling
-from ..tokenizer import Tokenizer, read_json
+from ..tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest

@@ -12,12 +12,13 @@ import mlx.nn as nn
 
 from .. import memory
 from ..cache import KVCache, QuantizedKVCache
+from ..checkpoint import read_json
 from ..config import ModelConfig
 from ..engine import Backend, GenerationOptions
 from ..errors import InsufficientMemoryError
 from ..loader import default_dtype, load_model
 from ..sampling import recommended_sampling
-from ..tokenizer import Tokenizer, read_json
+from ..tokenizer import Tokenizer
 
 
 @dataclass
@@ -81,7 +82,8 @@ def load(
 ) -> LLM:
     """A model directory on MLX; see `mlxqwen.load`."""
     model, config = load_model(path, dtype=dtype, lazy=True)
-    tokenizer = Tokenizer.from_dir(path)
+    generation_config = read_json(path / "generation_config.json")
+    tokenizer = Tokenizer.from_dir(path, generation_config)
     sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype or default_dtype(), kv_bits=kv_bits)
     if max_context is None:
         max_context = memory.largest_context(config, **sizing)
@@ -97,5 +99,5 @@ def load(
             raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}; {hint}")
     if not lazy:
         mx.eval(model.parameters())
-    defaults = GenerationOptions(**recommended_sampling(read_json(path / "generation_config.json")))
+    defaults = GenerationOptions(**recommended_sampling(generation_config))
     return LLM(model, tokenizer, config, path, defaults, max_context, kv_bits)
