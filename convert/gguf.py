@@ -23,7 +23,7 @@ from mlxqwen.errors import ConvertError, option
 from . import gguf_mapping as mapping
 from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
-from .progress import add_task
+from .progress import add_task, bytes_done
 from .reader import SourceCheckpoint
 from .source import Source
 
@@ -99,7 +99,7 @@ def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progre
             _write_rows(f, value, qtype)
             done += nbytes
             if task is not None:
-                progress.update(task, completed=done, info=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB")
+                progress.update(task, completed=done, info=bytes_done(done, total))
     return params
 
 

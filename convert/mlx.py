@@ -27,7 +27,7 @@ from mlxqwen.models import build_model
 from .card import write_card
 from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
-from .progress import add_task
+from .progress import add_task, bytes_done
 from .quality import calibration_tokens, evaluate
 from .reader import SourceCheckpoint
 from .recipes import DEFAULT_RECIPE, GROUP_SIZES, RECIPES
@@ -130,7 +130,7 @@ class MlxFormat(OutputFormat):
                 params, done = params + value.size, done + value.nbytes
                 del value, arrays
                 if task is not None:
-                    progress.update(task, completed=done, info=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB")
+                    progress.update(task, completed=done, info=bytes_done(done, total))
             files = writer.finish()
             config = output_config(checkpoint.raw, quantization if plan.bits else None, vision, out_dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlxqwen.display import format_size
 from mlxqwen.errors import ConvertError, option
 
 
@@ -29,7 +30,7 @@ def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise ConvertError(
-            f"{directory}: not enough free disk space ({needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free)"
+            f"{directory}: not enough free disk space ({format_size(needed)} needed, {format_size(free)} free)"
         )
 
 

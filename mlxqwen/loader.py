@@ -1,4 +1,6 @@
-"""`mlxqwen.load`: a checkpoint directory to a ready model, tokenizer and config."""
+"""A checkpoint directory to an MLX model and its config: sanitized weights, quantized modules,
+compute dtype, shape checks (`mlxqwen.load` adds the tokenizer, the sampling defaults and the
+memory check: `mlxqwen.backends.mlx.load`)."""
 
 from __future__ import annotations
 
