@@ -28,6 +28,7 @@ from typing import Any
 
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from mlxqwen.display import format_size
 from mlxqwen.errors import ConvertError
@@ -149,8 +150,8 @@ def summary_table(outcomes: list[Outcome]) -> Table:
         r, q = o.result, o.result.quality if o.result else None
         recipe = r.recipe if r else label(o.entry.to, **o.entry.options)
         size = r.size_bytes if r else disk_size(o.entry.output) if o.status == "skipped" else None
-        status = {"converted": "[green]ok", "skipped": "[yellow]skipped (exists)"}.get(
-            o.status, f"[red]failed: {o.error}"
+        status = {"converted": Text("ok", "green"), "skipped": Text("skipped (exists)", "yellow")}.get(
+            o.status, Text(f"failed: {o.error}", "red")
         )
         table.add_row(
             o.entry.name,

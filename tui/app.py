@@ -186,12 +186,12 @@ class ChatApp(App):
             llm, notes = await self.engine.run(load)
         except Exception as e:
             self.loading, self.load_error = False, f"Could not load {self.model_name}: {e}"
-            self.notify(str(e), title=f"Could not load {self.model_name}", severity="error", timeout=10)
+            self.notify(str(e), title=f"Could not load {self.model_name}", severity="error", timeout=10, markup=False)
             self.update_status()
             return
         for note in notes:
             if first_time(note):
-                self.notify(note, title=self.model_name, timeout=15)
+                self.notify(note, title=self.model_name, timeout=15, markup=False)
         self.llm, self.loading = llm, False
         self.store.put("last_model", str(path))
         if self.chat.id:
@@ -463,7 +463,7 @@ class ChatApp(App):
             if not input_box.text:
                 input_box.text = text
             if error is not None:
-                self.notify(str(error), title="Could not answer", severity="error", timeout=10)
+                self.notify(str(error), title="Could not answer", severity="error", timeout=10, markup=False)
         else:
             stopped = done.finish_reason == "cancelled"
             reply.message, reply.status, reply.stats = (
@@ -520,7 +520,7 @@ class ChatApp(App):
             try:
                 self.load_model(resolve_model(name))
             except ModelNotFoundError as e:
-                self.notify(str(e), severity="error")
+                self.notify(str(e), severity="error", markup=False)
             return
 
         def chosen(path: Path | None) -> None:
@@ -637,9 +637,9 @@ class ChatApp(App):
             tmp.write_text(to_markdown(self.chat, self.messages), encoding="utf-8")
             os.replace(tmp, path)
         except OSError as e:
-            self.notify(f"{path}: {e.strerror}", title="Could not export", severity="error")
+            self.notify(f"{path}: {e.strerror}", title="Could not export", severity="error", markup=False)
             return
-        self.notify(f"Saved to {path}", title="Exported")
+        self.notify(f"Saved to {path}", title="Exported", markup=False)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -270,7 +270,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         try:
             settings = self._read()
         except ValueError as e:
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", markup=False)
             return
         self.dismiss(settings)
 
