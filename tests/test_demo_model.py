@@ -74,10 +74,11 @@ def test_gguf_form_runs_in_llama_cpp_itself():
     assert split_reply(out["choices"][0]["text"]) == (THINKING, "37 + 48 = 85.")
 
 
+@pytest.mark.parametrize("think", [True, False], ids=["thinking", "no-thinking"])
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
-def test_shipped_forms_answer_held_out_questions(form, backend):
-    """A sample of the evaluation (python -m mlxqwen.demo.evaluate --shipped runs all of it)."""
+def test_shipped_forms_answer_held_out_questions(form, backend, think):
+    """A sample of the evaluation (python -m demo.evaluate --shipped runs all of it)."""
     if backend == "llama.cpp":
         pytest.importorskip("llama_cpp")
-    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6))
+    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6), think)
     assert scores["all"] >= 90, scores
