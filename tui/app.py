@@ -174,8 +174,9 @@ class ChatApp(App):
     async def load_model(self, path: Path) -> None:
         await self.stop_generation()
         self.llm, self.session = None, None  # release the old model before reading the new one
-        self.model_path, self.loading, self.load_error = path, True, None
-        self.model_name = await asyncio.to_thread(model_name, path)
+        self.model_path, self.model_name, self.loading, self.load_error = path, path.name, True, None
+        self.update_status()
+        self.model_name = await asyncio.to_thread(model_name, path)  # the library's name: a cache entry's repo id
         self.update_status()
 
         def load() -> tuple[Any, list[str]]:
