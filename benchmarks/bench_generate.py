@@ -108,7 +108,7 @@ def main() -> None:
         rows = []
         for turn in range(1, args.turns + 1):
             message = user_message(turn, args.words)
-            done = mlxqwen.engine.last(chat.stream(message))
+            done = mlxqwen.llm.last(chat.stream(message))
             full = messages + [{"role": "user", "content": message}]
             restart = mlxqwen_run(llm.stream(full, think=False, temperature=0, max_tokens=args.reply))
             full_prompt = llm.tokenizer.encode(llm.prompt_text(full, think=False))

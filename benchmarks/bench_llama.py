@@ -121,20 +121,20 @@ def direct_decode(llm: llama_cpp.Llama, prompt: list[int], n: int, sampling: dic
 
 
 def engine_decode(llm, prompt: str, n: int, sampling: dict) -> list[float]:
-    """Seconds between successive tokens of `llm.stream` (each token is one `forward` call)."""
+    """Seconds between successive tokens of `llm.stream` (each token is one `decode` call)."""
     stamps = []
-    forward = type(llm).forward
+    decode = llm.runtime.decode
 
-    def timed(cache, tokens):
+    def timed(seqs, tokens):
         stamps.append(time.perf_counter())
-        return forward(llm, cache, tokens)
+        return decode(seqs, tokens)
 
-    llm.forward = timed
+    llm.runtime.decode = timed
     try:
-        mlxqwen.engine.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
+        mlxqwen.llm.last(llm.stream(prompt, raw=True, max_tokens=n, **sampling))
     finally:
-        del llm.forward
-    return list(np.diff(stamps[1:]))  # the first forward follows the prompt
+        del llm.runtime.decode
+    return list(np.diff(stamps[1:]))  # the first decode follows the prompt
 
 
 def decode_rows(arch: str, gguf: Path, args: argparse.Namespace) -> list[list]:
@@ -175,9 +175,9 @@ def chat_rows(arch: str, gguf: Path, args: argparse.Namespace) -> list[list]:
     rows = []
     for turn in range(args.turns):
         message = user_message(turn, 40)
-        batched, single = evaluated(llm.ctx)
+        batched, single = evaluated(llm.runtime.ctx)
         done = chat.send(message)
-        after = evaluated(llm.ctx)
+        after = evaluated(llm.runtime.ctx)
         ours = after[0] - batched + after[1] - single - done.stats.generated_tokens  # each reply token is fed too
         history.append({"role": "user", "content": message})
         batched, _ = evaluated(direct._ctx.ctx)

@@ -1,8 +1,8 @@
 """`mlxqwen convert --batch FILE.toml`: many conversions, one manifest entry per output.
 
-    [defaults]               # applies to every entry
+    [defaults]               # applies to every entry whose output format takes the option
     output_dir = "models"    # entries without `output` write output_dir/NAME-RECIPE
-    group_size = 64
+    group_size = 64          # MLX entries only: GGUF has no group size
 
     [[convert]]
     source = "Qwen/Qwen3.6-27B"
@@ -80,7 +80,17 @@ def load_manifest(path: Path) -> list[Entry]:
     if not isinstance(raw_entries, list) or not raw_entries:
         raise ConvertError(f"{path}: no [[convert]] entries")
     defaults = manifest.get("defaults", {})
-    return [_entry(path, i + 1, {**defaults, **raw}) for i, raw in enumerate(raw_entries)]
+    entries, used = [], set(_ENTRY_KEYS)
+    for i, raw in enumerate(raw_entries):
+        # a default applies to the entries whose format takes it (group_size: MLX, quant: GGUF)
+        to = raw.get("to", defaults.get("to", "mlx"))
+        takes = set(_ENTRY_KEYS) | set(output_format(to, f"{path}: entry {i + 1}").options)
+        used |= takes
+        entries.append(_entry(path, i + 1, {**{k: v for k, v in defaults.items() if k in takes}, **raw}))
+    unknown = sorted(set(defaults) - used)
+    if unknown:
+        raise ConvertError(f"{path}: [defaults]: unknown option {unknown[0]!r} (no entry's output format takes it)")
+    return entries
 
 
 def _entry(manifest: Path, number: int, raw: dict[str, Any]) -> Entry:

@@ -161,11 +161,14 @@ def tensor_bits(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, recipe: st
     return {name: plan.bits_for(name, shape, group_size, cfg.num_hidden_layers) for name, shape in shapes.items()}
 
 
-def planned_model(cfg: ModelConfig, recipe: str = DEFAULT_RECIPE, group_size: int = 64) -> nn.Module:
+def planned_model(
+    cfg: ModelConfig, recipe: str = DEFAULT_RECIPE, group_size: int = 64, dtype: mx.Dtype | None = None
+) -> nn.Module:
     """The decoder as `recipe` would convert it, built lazily from the config alone (no weight is
-    read or computed): what a memory estimate needs before anything is downloaded."""
+    read or computed) and computing in `dtype` (default: this machine's): what a memory estimate
+    needs before anything is downloaded."""
     model = build_model(cfg)
-    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), default_dtype()).items()))
+    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), dtype or default_dtype()).items()))
     shapes = {name: value.shape for name, value in tree_flatten(model.parameters())}
     bits = tensor_bits(shapes, cfg, recipe, group_size)
 

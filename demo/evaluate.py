@@ -71,7 +71,7 @@ def engine_answers(path: Path, backend: str) -> Answerer:
     """The shipped form through `mlxqwen.load` on `backend` ("mlx" or "llama.cpp") and the
     engine, which parses thinking and answer."""
     from mlxqwen import load
-    from mlxqwen.engine import last
+    from mlxqwen.llm import last
 
     llm = load(path, backend=backend, max_context=1024)
 

@@ -3,11 +3,18 @@
 import logging
 
 from .backends import load
-from .backends.mlx import LLM
 from .config import ModelConfig, parse_config
-from .engine import GenerationOptions
-from .errors import ContextLimitError, ConvertError, InsufficientMemoryError, ModelLoadError, ModelNotFoundError
+from .errors import (
+    ContextLimitError,
+    ConvertError,
+    InsufficientMemoryError,
+    ModelLoadError,
+    ModelNotFoundError,
+    QueueFullError,
+)
 from .events import Done, PrefillProgress, Stats, TextDelta, ThinkingDelta, ToolCall
+from .llm import LLM
+from .sampling import GenerationOptions
 from .session import ChatSession
 
 __version__ = "0.1.0"
@@ -28,6 +35,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "PrefillProgress",
+    "QueueFullError",
     "Stats",
     "TextDelta",
     "ThinkingDelta",

@@ -61,6 +61,11 @@ def safetensors_header(file: Path) -> dict[str, Any]:
     return header
 
 
+def has_weights(path: Path) -> bool:
+    """Whether the directory holds safetensors weights (or an index of them), not only a config."""
+    return (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+
+
 def shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():

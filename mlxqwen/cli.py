@@ -4,7 +4,7 @@ them for --help), so `mlxqwen chat` starts without loading the converter.
 
 Every command reports the same way: an error is one line on stderr, `mlxqwen COMMAND: error:
 MESSAGE` (as argparse writes its own), with exit status 1; a note is `mlxqwen COMMAND: note:
-MESSAGE`. Messages name options as flags (`--force`, see `mlxqwen.errors.option`). Output to a
+MESSAGE` (a warning, `warning:`). Messages name options as flags (`--force`, see `mlxqwen.errors.option`). Output to a
 pipe or a file is never wrapped."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "pull": "mlxqwen.library_cli",
     "list": "mlxqwen.library_cli",
     "rm": "mlxqwen.library_cli",
+    "serve": "mlxqwen.serve_cli",
 }
 
 
@@ -35,8 +36,9 @@ def error(command: str, message: object) -> int:
     return 1
 
 
-def note(command: str, message: object) -> None:
-    print(f"mlxqwen {command}: note: {message}", file=sys.stderr, flush=True)
+def note(command: str, message: object, kind: str = "note") -> None:
+    """Report a note (advice) of `mlxqwen COMMAND`, or with kind="warning" a risk the user takes."""
+    print(f"mlxqwen {command}: {kind}: {message}", file=sys.stderr, flush=True)
 
 
 def console(stderr: bool = False) -> Console:

@@ -8,7 +8,9 @@ checkpoints under `text_config`. Everything downstream reads `ModelConfig` only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ModelLoadError
@@ -79,6 +81,7 @@ class ModelConfig:
     # "fp8"), None when the weights are plain; `dtype` is what config.json names ("bfloat16", ...).
     quantization: dict[str, Any] | None = None
     dtype: str | None = None
+    mtp_layers: int = 0  # multi-token-prediction layers of the checkpoint (Qwen3.5's `mtp.*`)
     # The config.json as written, for tools that copy or extend it (converter).
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -192,6 +195,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
         linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim") or 4),
         quantization=raw.get("quantization") or raw.get("quantization_config") or text.get("quantization_config"),
         dtype=next((d for d in (raw.get(k) or text.get(k) for k in ("dtype", "torch_dtype")) if d), None),
+        mtp_layers=int(text.get("mtp_num_hidden_layers") or 0),
         raw=raw,
     )
     if cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -199,3 +203,62 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
     if cfg.num_experts and not cfg.num_experts_per_tok:
         raise ModelLoadError(f"{source}: missing field 'num_experts_per_tok'")
     return cfg
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """Context extension by YaRN rope scaling, as Qwen documents it: positions up to
+    `factor` x `original` tokens (`original`: the context the model was trained for;
+    None: its max_position_embeddings)."""
+
+    factor: float
+    original: int | None = None
+
+
+def parse_yarn(rope_scaling: Mapping[str, Any] | None) -> Yarn | None:
+    """`rope_scaling` in Qwen's form, {"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 32768} (the last is optional), or None."""
+    if rope_scaling is None:
+        return None
+    example = '{"rope_type": "yarn", "factor": 4.0}'
+    if not isinstance(rope_scaling, Mapping):
+        raise ValueError(f"rope_scaling={rope_scaling!r}: expected a mapping such as {example}")
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    unknown = set(rope_scaling) - {"rope_type", "type", "factor", "original_max_position_embeddings"}
+    if kind != "yarn" or unknown:
+        what = f"unknown key {sorted(unknown)[0]!r}" if unknown else f"rope type {kind!r}"
+        raise ValueError(f"rope_scaling: {what}; context extension takes YaRN, e.g. {example}")
+    factor, original = rope_scaling.get("factor"), rope_scaling.get("original_max_position_embeddings")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"rope_scaling: factor={factor!r}; give a number above 1, e.g. {example}")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+        raise ValueError(f"rope_scaling: original_max_position_embeddings={original!r}; give a positive integer")
+    return Yarn(float(factor), original)
+
+
+def with_yarn(cfg: ModelConfig, yarn: Yarn) -> ModelConfig:
+    """The config with YaRN rope scaling; max_position_embeddings becomes the extended context."""
+    original = yarn.original or cfg.max_position_embeddings
+    rope = replace(cfg.rope, type="yarn", factor=yarn.factor, original_max_position_embeddings=original)
+    return replace(cfg, rope=rope, max_position_embeddings=int(original * yarn.factor))
+
+
+def context_limit(cfg: ModelConfig) -> int:
+    """The longest context the model handles: its own, or what its YaRN scaling extends it to."""
+    if cfg.rope.type != "yarn":
+        return cfg.max_position_embeddings
+    original = cfg.rope.original_max_position_embeddings or cfg.max_position_embeddings
+    return max(cfg.max_position_embeddings, math.floor(original * cfg.rope.factor))
+
+
+def trained_context(cfg: ModelConfig) -> int:
+    """The context the model was trained for (before any YaRN scaling)."""
+    if cfg.rope.type == "yarn" and cfg.rope.original_max_position_embeddings:
+        return cfg.rope.original_max_position_embeddings
+    return cfg.max_position_embeddings
+
+
+def yarn_hint(requested: int, trained: int) -> str:
+    """How to ask for `requested` tokens of a model trained for `trained`: the YaRN option."""
+    factor = math.ceil(requested / trained * 10) / 10
+    return f'extend it with YaRN: rope_scaling={{"rope_type": "yarn", "factor": {factor}}}'

@@ -1,260 +1,143 @@
-"""The generation engine and the public generation API.
+"""The engine: requests from any number of threads, run together on one runtime.
 
-The engine drives any model runtime through `Backend`, a small token-level interface
-(tokenizer, a cache, feed tokens / next-token logits, snapshot and restore), so the same
-streaming, sampling, parsing, stop and stats logic serves MLX (`llm.py`) and llama.cpp
-(`llama_cpp_backend.py`).
-A subclass implements the token-level methods and gets `generate`, `stream` and `chat`.
+`Engine.submit` takes a `Request` (prompt token ids, options) and returns a `Handle` whose
+iteration yields the request's events. One engine thread does all the model work, in a loop:
+- admit waiting requests while there is room (`max_concurrent` sequences, and K/V capacity for
+  their prompts); a full queue (`max_queue`) refuses a request with `QueueFullError`;
+- read one prefill chunk of one prompt (each request resumes from the longest prefix the
+  `PrefixCache` holds), so streams already running keep flowing while a prompt is read;
+- one decode step: one forward over every sequence that is generating, each sampled with its
+  own options.
+Decoding is pipelined: step t+1 is computed (lazily, `mx.async_eval`) while the tokens of step t
+are detokenized, parsed and handed out. When a running sequence would need K/V the machine does
+not have, the youngest is put back in the queue (its state dropped, recomputed when it resumes).
 
-Decoding is pipelined: token t+1 is computed (lazily, `mx.async_eval`) while token t is
-being detokenized, parsed and handed to the caller. Every token handed out has already
-been fed into the cache, so a `TokenCache` always knows exactly which tokens it holds,
-whenever the caller stops reading."""
+After a request, the prefix cache keeps the state at the end of its prompt, at the boundaries
+the request names, and at the end of its reply as the next turn will start (`next_turn`): when
+that differs from what was generated (chat templates drop earlier turns' thinking), the state
+is computed for it once, right after the reply, so the next request only reads what is new."""
 
 from __future__ import annotations
 
+import atexit
+import logging
+import queue
 import threading
 import time
-from abc import ABC, abstractmethod
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
-from .errors import ContextLimitError
+from .backends.runtime import Runtime
+from .errors import ContextLimitError, QueueFullError
 from .events import Done, Event, PrefillProgress, Stats, TextDelta, ThinkingDelta, TokenLogprob, ToolCall
-from .parsing import OutputParser, ParsedEvent, held_back, opens_thinking
-from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .parsing import OutputParser, ParsedEvent, held_back
+from .prefix_cache import Entry, PrefixCache
+from .sampling import GenerationOptions, Sample, Sampler
+from .speculative import DepthChooser, accept
+from .structured import JsonConstraint
 
-if TYPE_CHECKING:
-    from .session import ChatSession
-
-# MLX streams are per thread: generation can run in any thread (a UI worker) with this one.
+# MLX streams are per thread; the engine thread runs on this one.
 _STREAM = mx.new_thread_local_stream(mx.default_device())
-
-Message = Mapping[str, Any]
-Prompt = str | Sequence[Message]
-
-
-@dataclass(frozen=True)
-class GenerationOptions(SamplingParams):
-    """Sampling (see `SamplingParams`) plus when to stop and what to report.
-
-    max_tokens: most tokens to generate (None: until EOS or the context is full).
-    stop: strings that end generation; the text stops before them.
-    logprobs: None, or report each token's log-probability with this many top alternatives."""
-
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be at least 1")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs={self.logprobs!r} must be 0 or more")
+_BLOCK = 256  # K/V is counted in blocks of this many positions, as the caches grow
+_log = logging.getLogger("mlxqwen")
 
 
-class Backend(ABC):
-    """A model runtime as the engine sees it.
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
-    Subclasses provide `tokenizer`, `defaults` (GenerationOptions), `max_context` and the
-    five token-level methods; the public API (`generate`, `stream`, `chat`) is built here."""
 
-    tokenizer: Tokenizer
-    defaults: GenerationOptions
-    max_context: int
-    prefill_chunk: int = 512
+@atexit.register
+def _settle() -> None:
+    # The process ending while an engine thread computes aborts it (MLX's streams are torn down
+    # under it): stop their work and wait until they are idle. The threads themselves stay,
+    # blocked: one that ends during the interpreter's shutdown can abort it as well.
+    for engine in list(_engines):
+        engine._stop_and_wait(timeout=30)
 
-    @abstractmethod
-    def new_cache(self) -> Any:
-        """An empty cache for one sequence."""
 
-    @abstractmethod
-    def prefill(self, cache: Any, tokens: list[int]) -> None:
-        """Feed tokens into the cache and compute their state; no logits are needed."""
+@dataclass
+class Request:
+    """prompt: token ids. thinking: the prompt left `<think>` open. tools: the schemas given to
+    the template (they type XML tool-call parameters). keep: prompt lengths whose state the prefix
+    cache should keep (turn boundaries). next_turn(tokens, done): the tokens the next turn of
+    this conversation will start with, given the sequence's tokens and the reply; the state is
+    kept there. pin: the kept entries are pinned for the caller (see `Handle.entries`)."""
 
-    @abstractmethod
-    def forward(self, cache: Any, tokens: mx.array) -> mx.array:
-        """Feed tokens (1-D ids, possibly not yet evaluated) and return the next-token logits
-        [vocab], lazily where the runtime allows it."""
+    prompt: list[int]
+    options: GenerationOptions
+    thinking: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
+    cancel: threading.Event | None = None
+    keep: tuple[int, ...] = ()
+    next_turn: Callable[[list[int], Done], list[int] | None] | None = None
+    pin: bool = False
 
-    @abstractmethod
-    def snapshot(self, cache: Any) -> Any:
-        """Something `restore` can bring the cache back to, cheaply."""
 
-    @abstractmethod
-    def restore(self, cache: Any, snapshot: Any) -> None: ...
+class Handle:
+    """A submitted request: iterate it for its events (Done last). `done`, `tokens` (the
+    sequence's tokens) and `entries` (the pinned prefix-cache entries: "prompt", "turn" and each
+    kept length) are set once it is done."""
 
-    @abstractmethod
-    def settle(self, cache: Any) -> None:
-        """Finish pending work on the cache, so that the next turn can run in another thread."""
+    def __init__(self, request: Request):
+        self.request = request
+        self.tokens: list[int] = []
+        self.entries: dict[str | int, Entry] = {}
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = request.cancel or threading.Event()
+        self.done: Done | None = None
+        self.read = False  # its Done (or error) has been read
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
     @property
-    def name(self) -> str:
-        """The runtime, as users are shown it ("MLX", "llama.cpp")."""
-        return type(self).__name__
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
-    def peak_memory(self) -> int:
-        """The most memory the runtime has held, in bytes: here MLX's allocator peak since the
-        generation started."""
-        return mx.get_peak_memory()
-
-    # --- public API ---------------------------------------------------------------
-
-    def options(self, options: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
-        """`options` (default: the checkpoint's recommended `defaults`) with `overrides` applied."""
-        return replace(options or self.defaults, **overrides)
-
-    def prompt_text(
-        self,
-        prompt: Prompt,
-        *,
-        system: str | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
-        raw: bool = False,
-        template_vars: Mapping[str, Any] | None = None,
-    ) -> str:
-        """What the model reads for `prompt`: a string is one user message (or, with raw=True or
-        a model without a chat template, the text itself); a list is a conversation."""
-        template = self.tokenizer.chat_template
-        if isinstance(prompt, str) and (raw or template is None):
-            return prompt
-        if template is None:
-            raise ValueError("this model has no chat template: pass the prompt as text (raw=True)")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        return template.render(messages, tools=tools, **thinking_vars(think), **(template_vars or {}))
-
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        system: str | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
-        raw: bool = False,
-        template_vars: Mapping[str, Any] | None = None,
-        options: GenerationOptions | None = None,
-        cancel: threading.Event | None = None,
-        **overrides: Any,
-    ) -> Iterator[Event]:
-        """Generate a reply to `prompt` as events: `ThinkingDelta`, `TextDelta`, `ToolCall`,
-        `PrefillProgress` and, last, `Done` with the whole reply and its stats.
-
-        think: turn the model's thinking on/off (None: the template's default).
-        tools: JSON schemas of the tools the model may call.
-        cancel: set it (from any thread) to stop; the last event is then Done("cancelled").
-        overrides: any `GenerationOptions` field, e.g. temperature=0, max_tokens=100."""
-        opts = self.options(options, **overrides)
-        text = self.prompt_text(prompt, system=system, tools=tools, think=think, raw=raw, template_vars=template_vars)
-        return generate_events(
-            TokenCache(self),
-            self.tokenizer.encode(text),
-            opts,
-            thinking=opens_thinking(text),
-            tools=tools,
-            cancel=cancel,
-        )
-
-    def generate(self, prompt: Prompt, **kwargs: Any) -> str:
-        """The answer to `prompt` (without the thinking); same arguments as `stream`."""
-        return last(self.stream(prompt, **kwargs)).text
-
-    def chat(
-        self,
-        system: str | None = None,
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        think: bool | None = None,
-        history: Sequence[Message] = (),
-        template_vars: Mapping[str, Any] | None = None,
-        options: GenerationOptions | None = None,
-        **overrides: Any,
-    ) -> ChatSession:
-        """A multi-turn chat that keeps the model's cache between turns (see `ChatSession`)."""
-        from .session import ChatSession
-
-        return ChatSession(
-            self,
-            system=system,
-            tools=tools,
-            think=think,
-            history=history,
-            template_vars=template_vars,
-            options=self.options(options, **overrides),
-        )
+    def __iter__(self) -> Iterator[Event]:
+        while not self.read:
+            event = self._events.get()
+            self.read = isinstance(event, (Done, BaseException))
+            if isinstance(event, BaseException):
+                raise event
+            yield event
 
 
-def thinking_vars(think: bool | None) -> dict[str, Any]:
-    return {} if think is None else {"enable_thinking": think}
+class _Text:
+    """The text side of one generation: detokenizing, stop strings, parsing, and the reply so far."""
 
-
-def last(events: Iterator[Event]) -> Done:
-    """Run a generation to its end and return its Done event."""
-    done = None
-    for event in events:
-        done = event
-    assert isinstance(done, Done)
-    return done
-
-
-class TokenCache:
-    """A backend's cache together with the token ids it holds, in order."""
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self.cache = backend.new_cache()
-        self.tokens: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def snapshot(self) -> tuple[Any, int]:
-        return self.backend.snapshot(self.cache), len(self.tokens)
-
-    def restore(self, snapshot: tuple[Any, int]) -> None:
-        self.backend.restore(self.cache, snapshot[0])
-        del self.tokens[snapshot[1] :]
-
-
-class _StopStrings:
-    """Cuts the text at the first stop string; holds back a tail that may start one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        text, self.held = self.held + text, ""
-        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
-        if hits:
-            return text[: min(hits)], True
-        keep = held_back(text, self.stops)
-        self.held = text[len(text) - keep :]
-        return text[: len(text) - keep], False
-
-
-class _Reply:
-    """Collects one generation's events and timings into its Done."""
-
-    def __init__(self, cached: int, logprobs: bool):
-        self.cached = cached
+    def __init__(self, runtime: Runtime, request: Request):
+        self.detokenizer = runtime.tokenizer.detokenizer()
+        self.parser = OutputParser(thinking=request.thinking, tools=request.tools)
+        self.stops = [s for s in request.options.stop if s]
+        self.held = ""  # text that may be the start of a stop string
         self.texts: list[str] = []
         self.thoughts: list[str] = []
         self.calls: list[ToolCall] = []
-        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
-        self.generated = 0
-        self.start = time.perf_counter()
-        self.first = 0.0
 
-    def add(self, events: list[ParsedEvent]) -> list[ParsedEvent]:
+    def add(self, token: int) -> tuple[list[ParsedEvent], bool]:
+        """The events of one more token, and whether a stop string ended the text."""
+        text, self.held = self.held + self.detokenizer.add(token), ""
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            return self._parsed(text[: min(hits)]), True
+        keep = held_back(text, self.stops)
+        self.held = text[len(text) - keep :]
+        return self._parsed(text[: len(text) - keep]), False
+
+    def finish(self, stopped: bool) -> list[ParsedEvent]:
+        events = [] if stopped else self._parsed(self.detokenizer.flush() + self.held)
+        return events + self._collect(self.parser.finish())
+
+    def _parsed(self, text: str) -> list[ParsedEvent]:
+        return self._collect(self.parser.feed(text))
+
+    def _collect(self, events: list[ParsedEvent]) -> list[ParsedEvent]:
         for event in events:
             if isinstance(event, TextDelta):
                 self.texts.append(event.text)
@@ -264,112 +147,481 @@ class _Reply:
                 self.calls.append(event)
         return events
 
-    def done(self, context: TokenCache, reason: str) -> Done:
-        end = time.perf_counter()
-        prompt_time = (self.first if self.generated else end) - self.start
-        fed = len(context) - self.cached - self.generated
-        stats = Stats(
-            prompt_tokens=fed,
-            cached_tokens=self.cached,
-            prompt_tps=fed / max(prompt_time, 1e-9),
-            generated_tokens=self.generated,
-            generation_tps=(self.generated - 1) / (end - self.first) if self.generated > 1 else 0.0,
-            ttft=prompt_time,
-            peak_memory=context.backend.peak_memory(),
-            finish_reason="tool_calls" if reason == "stop" and self.calls else reason,
-        )
-        logprobs = None if self.logprobs is None else tuple(self.logprobs)
-        return Done("".join(self.texts), "".join(self.thoughts), tuple(self.calls), stats, logprobs)
+
+@dataclass(eq=False)
+class _Stream:
+    """A request as the scheduler runs it."""
+
+    handle: Handle
+    submitted: float
+    feed: list[int] = field(default_factory=list)  # tokens to prefill before decoding starts
+    first_input: int = 0  # the token fed at the first decode step
+    seq: Any = None
+    tokens: list[int] = field(default_factory=list)  # what the sequence holds
+    cached: int = 0
+    fed: int = 0  # prompt tokens computed (not from the cache)
+    position: int = 0  # next index of `feed` to prefill
+    decoding: bool = False
+    next_input: mx.array | None = None  # the token the next decode step feeds
+    launched: Sample | None = None  # the draw of the last decode step, not yet handed out
+    sampler: Sampler | None = None
+    text: _Text | None = None
+    generated: int = 0
+    drafted: int = 0  # tokens the MTP head guessed
+    accepted: int = 0  # of them, kept
+    max_new: int = 0
+    first_token: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
+    constraint: JsonConstraint | None = None  # the answer's format (GenerationOptions.format)
+    constrained: bool = False  # the constraint applies now (not while the model thinks)
+
+    @property
+    def request(self) -> Request:
+        return self.handle.request
 
 
-def generate_events(
-    context: TokenCache,
-    prompt: list[int],
-    options: GenerationOptions,
-    *,
-    thinking: bool = False,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    cancel: threading.Event | None = None,
-    after_prefill: Callable[[], None] | None = None,
-) -> Iterator[Event]:
-    """Feed `prompt` after what `context` holds, then generate; yields events, Done last.
+@dataclass(eq=False)
+class _Warm:
+    """Computes the state for a next turn's tokens, to keep it in the prefix cache."""
 
-    thinking: the prompt left `<think>` open. after_prefill: called once all prompt tokens
-    but the last are in the cache (a chat takes its turn snapshot there)."""
-    backend = context.backend
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    room = backend.max_context - len(context) - len(prompt)
-    if room < 1:
-        raise ContextLimitError(
-            f"the prompt needs {len(prompt)} tokens after {len(context)} already in the context, "
-            f"over the maximum context of {backend.max_context}: start a new chat or load the model "
-            "with a larger max_context"
-        )
-    max_new = room if options.max_tokens is None else min(room, options.max_tokens)
-    cancelled = cancel.is_set if cancel is not None else lambda: False
+    tokens: list[int]
+    handle: Handle | None  # pins the entry for this request's caller
+    seq: Any = None
+    position: int = 0
 
-    with mx.stream(_STREAM):
-        try:
-            mx.reset_peak_memory()
-            reply = _Reply(len(context), options.logprobs is not None)
-            head, chunk = prompt[:-1], backend.prefill_chunk
-            for i in range(0, len(head), chunk):
-                if cancelled():  # once the prompt is in, the first token comes whatever happens
-                    yield reply.done(context, "cancelled")
-                    return
-                backend.prefill(context.cache, head[i : i + chunk])
-                context.tokens.extend(head[i : i + chunk])
-                if len(head) > chunk:
-                    yield PrefillProgress(min(i + chunk, len(head)), len(head))
-            if after_prefill is not None:
-                after_prefill()
 
-            sampler = Sampler(options, context.tokens + prompt[-1:], options.logprobs)
-            detokenizer = backend.tokenizer.detokenizer()
-            parser = OutputParser(thinking=thinking, tools=tools)
-            stops = _StopStrings(options.stop)
-            eos = backend.tokenizer.eos_token_ids
+class Engine:
+    def __init__(
+        self,
+        runtime: Runtime,
+        prefix_cache: PrefixCache,
+        max_concurrent: int = 8,
+        max_queue: int = 64,
+        mtp_depth: int | None = None,
+    ):
+        """mtp_depth: tokens the MTP head guesses per step (None: chosen as it pays, see `DepthChooser`)."""
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError("max_concurrent must be at least 1 and max_queue at least 0")
+        self.runtime = runtime
+        self.prefix_cache = prefix_cache
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self._incoming: list[_Stream] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._idle = True
+        self._stopping = False  # the process is ending: drop what is left
+        self._waiting: deque[_Stream] = deque()
+        self._active: list[_Stream] = []
+        self._warm: deque[_Warm] = deque()
+        self._think_close = runtime.tokenizer.token_to_id("</think>")
+        self.depths = DepthChooser(fixed=mtp_depth)
+        self._last_step: tuple[int, int, float, list[int]] | None = None  # depth, batch, start, guesses kept
 
-            sample = sampler(backend.forward(context.cache, mx.array(prompt[-1:])))
-            context.tokens.append(prompt[-1])
-            mx.async_eval(*sample)
-            stopped = False
+    # --- the callers' side ----------------------------------------------------------------
+
+    def submit(self, request: Request) -> Handle:
+        """Queue `request`; its events come from iterating the returned handle."""
+        runtime = self.runtime
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt) >= runtime.max_context:
+            raise ContextLimitError(
+                f"the prompt has {len(request.prompt)} tokens, and the maximum context is {runtime.max_context}: "
+                "start a new chat or load the model with a larger max_context"
+            )
+        handle = Handle(request)
+        stream = _Stream(handle, time.perf_counter(), request.prompt[:-1], request.prompt[-1])
+        if request.options.format is not None:  # a schema it cannot use is refused here, in the caller's thread
+            stream.constraint = JsonConstraint(runtime.tokenizer, request.options.format, runtime.vocab_size)
+            stream.constrained = not request.thinking
+        with self._lock:
+            if len(self._incoming) + len(self._waiting) >= self.max_queue + max(
+                0, self.max_concurrent - len(self._active)
+            ):
+                raise QueueFullError(
+                    f"{len(self._incoming) + len(self._waiting)} requests are waiting (max_queue={self.max_queue}): "
+                    "try again in a moment"
+                )
+            self._incoming.append(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mlxqwen-engine", daemon=True)
+                self._thread.start()
+                _engines.add(self)
+            self._lock.notify()
+        return handle
+
+    def close(self, wait: bool = False) -> None:
+        """Stop the engine thread once the requests in flight are done."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+            thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _stop_and_wait(self, timeout: float) -> None:
+        """Cancel every request, drop pending work, wait for the engine thread to be idle and the
+        prefix cache's files to be written."""
+        with self._lock:
+            self._stopping = True
+            for stream in [*self._incoming, *self._waiting, *self._active]:
+                stream.handle.cancel()
+            self._lock.wait_for(lambda: self._idle, timeout)
+        self.prefix_cache.flush()  # a writer thread cut off by the interpreter's end aborts the process
+
+    def _run(self) -> None:
+        # One thread for the engine's life: MLX arrays are bound to the thread that made them.
+        with mx.stream(_STREAM):
             while True:
-                # feed token t (not yet known on the host) and queue t+1 before reading t
-                next_sample = sampler(backend.forward(context.cache, sample.token.reshape(1)))
-                mx.async_eval(*next_sample)
-                token = sample.token.item()
-                context.tokens.append(token)
-                reply.generated += 1
-                if reply.generated == 1:
-                    reply.first = time.perf_counter()
-                if reply.logprobs is not None:
-                    top = (
-                        ()
-                        if sample.top_ids is None
-                        else zip(sample.top_ids.tolist(), sample.top_logprobs.tolist(), strict=True)
+                with self._lock:
+                    if self._stopping:
+                        self._warm.clear()
+                    self._idle = not (self._incoming or self._waiting or self._active or self._warm)
+                    self._lock.notify_all()
+                    while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
+                        self._lock.wait()
+                    self._idle = False
+                    self._waiting.extend(self._incoming)
+                    self._incoming.clear()
+                    if self._closing and not (self._waiting or self._active or self._warm):
+                        return
+                try:
+                    self._step()
+                except Exception as e:  # the runtime failed: every request in flight gets the error
+                    self._fail(e)
+
+    def _step(self) -> None:
+        self._admit()
+        if self._warm:
+            self._warm_chunk(self._warm[0])
+            self._last_step = None
+        elif prefilling := [s for s in self._active if not s.decoding]:
+            self._prefill_chunk(prefilling[0])
+            self._last_step = None
+        self._decode_step()
+
+    def _fail(self, error: Exception) -> None:
+        for stream in [*self._active, *self._waiting]:
+            stream.handle._events.put(error)
+            stream.handle.finished.set()
+        for item in [*self._active, *self._warm]:
+            if item.seq is not None:
+                self.runtime.release(item.seq)
+        self._active.clear()
+        self._waiting.clear()
+        self._warm.clear()
+        self.runtime.settle()
+
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // _BLOCK) * _BLOCK
+
+    def _used(self, growth: int = 0) -> int:
+        """K/V positions that live sequences hold, each grown by `growth` tokens."""
+        held = [max(len(s.tokens), len(s.feed)) + 1 + growth for s in self._active]
+        held += [len(w.tokens) for w in self._warm]
+        return sum(self._blocks(n) for n in held)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            stream = self._waiting[0]
+            if stream.handle.cancelled:
+                self._waiting.popleft()
+                self._finish(stream, "cancelled")
+                continue
+            if len(self._active) >= self.max_concurrent:
+                return
+            need = self._blocks(len(stream.feed) + 1)
+            if self._used() + need > self.runtime.kv_capacity:
+                if self._active or self._warm:
+                    return  # waits for room
+                self._waiting.popleft()
+                stream.handle._events.put(
+                    ContextLimitError(
+                        f"the prompt needs {need} tokens of K/V, and this model's memory holds "
+                        f"{self.runtime.kv_capacity}: shorten it or load a smaller model"
                     )
-                    reply.logprobs.append(TokenLogprob(token, sample.logprob.item(), tuple(top)))
-                if token in eos:
-                    reason = "stop"
+                )
+                continue
+            self._waiting.popleft()
+            self._active.append(stream)
+
+    # --- prefill --------------------------------------------------------------------------------
+
+    def _start(self, stream: _Stream) -> None:
+        runtime, request = self.runtime, stream.request
+        stream.seq = runtime.new_sequence()
+        prompt = stream.feed + [stream.first_input]
+        entry, n = self.prefix_cache.lookup(prompt)
+        snapshot = self.prefix_cache.take(entry) if entry is not None else None
+        if snapshot is None:
+            n = 0
+        else:
+            runtime.restore(stream.seq, snapshot, n)
+        stream.tokens = prompt[:n]
+        stream.position = n
+        if stream.sampler is None:  # not a sequence resumed after preemption
+            stream.cached = n
+            stream.sampler = Sampler(request.options, request.prompt, request.options.logprobs)
+            stream.text = _Text(runtime, request)
+            stream.logprobs = [] if request.options.logprobs is not None else None
+            room = runtime.max_context - len(request.prompt)
+            stream.max_new = room if request.options.max_tokens is None else min(room, request.options.max_tokens)
+            if not self._active_decoding():
+                mx.reset_peak_memory()
+
+    def _prefill_chunk(self, stream: _Stream) -> None:
+        if stream.seq is None:
+            self._start(stream)
+        if stream.handle.cancelled:  # once the prompt is in, the first token comes whatever happens
+            self._finish(stream, "cancelled")
+            return
+        feed, request = stream.feed, stream.request
+        end = min(len(feed), stream.position + self.runtime.prefill_chunk)
+        end = min([end] + [k for k in request.keep if stream.position < k < end])
+        if end > stream.position:
+            chunk = feed[stream.position : end]
+            self.runtime.prefill(stream.seq, chunk)
+            stream.tokens += chunk
+            stream.fed += len(chunk)
+            stream.position = end
+            if len(feed) > self.runtime.prefill_chunk and stream.generated == 0:
+                stream.handle._events.put(PrefillProgress(end, len(feed)))
+            if end in request.keep:
+                self._keep(stream.handle, end, stream.tokens, stream.seq)
+        if stream.position == len(feed):
+            if stream.generated == 0:
+                self._keep(stream.handle, "prompt", stream.tokens, stream.seq)
+            stream.decoding = True
+            stream.next_input = mx.array([stream.first_input])
+
+    def _keep(self, handle: Handle | None, name: str | int, tokens: list[int], seq: Any) -> None:
+        """Store the state of `seq` (which holds `tokens`) in the prefix cache."""
+        if not tokens:
+            return
+        pin = handle is not None and handle.request.pin
+        entry = self.prefix_cache.store(list(tokens), self.runtime.snapshot(seq), pin=pin)
+        if pin and entry is not None:
+            previous = handle.entries.pop(name, None)
+            if previous is not None:
+                self.prefix_cache.unpin(previous)
+            handle.entries[name] = entry
+
+    def _warm_chunk(self, warm: _Warm) -> None:
+        runtime = self.runtime
+        if warm.seq is None:
+            warm.seq = runtime.new_sequence()
+            entry, n = self.prefix_cache.lookup(warm.tokens + [0])  # any prefix up to all of its tokens
+            snapshot = self.prefix_cache.take(entry) if entry is not None else None
+            if snapshot is not None:
+                runtime.restore(warm.seq, snapshot, n)
+                warm.position = n
+        end = min(len(warm.tokens), warm.position + runtime.prefill_chunk)
+        if end > warm.position:
+            runtime.prefill(warm.seq, warm.tokens[warm.position : end])
+            warm.position = end
+        if warm.position == len(warm.tokens):
+            self._keep(warm.handle, "turn", warm.tokens, warm.seq)
+            runtime.release(warm.seq)
+            self._warm.popleft()
+            if warm.handle is not None:
+                warm.handle.finished.set()
+
+    # --- decode ---------------------------------------------------------------------------------
+
+    def _active_decoding(self) -> list[_Stream]:
+        return [s for s in self._active if s.decoding]
+
+    def _decode_step(self) -> None:
+        streams = self._active_decoding()
+        if not streams:
+            return
+        streams = self._make_room(streams)
+        now = time.perf_counter()
+        if self._last_step is not None:  # a step's time: to the next one, when nothing else ran between
+            depth, batch, start, kept = self._last_step
+            self.depths.record(depth, batch, now - start, kept)
+        constrained = any(s.constraint is not None for s in streams)
+        depth = self.depths.choose(len(streams)) if self.runtime.mtp and not constrained else 0
+        kept = self._speculative_step(streams, depth) if depth else self._plain_step(streams)
+        self._last_step = (depth, len(streams), now, kept)
+
+    def _plain_step(self, streams: list[_Stream]) -> list[int]:
+        inputs = mx.concatenate([s.next_input for s in streams])
+        logits = self.runtime.decode([s.seq for s in streams], inputs)
+        handed = []
+        for i, stream in enumerate(streams):
+            handed.append((stream, stream.launched))
+            if stream.launched is None:  # its first step: the prompt's last token was fed
+                stream.tokens.append(stream.first_input)
+                stream.fed += 1
+            if stream.constraint is None:
+                self._draw(stream, logits[i])
+        for stream, sample in handed:
+            if sample is not None and (end := self._hand_out(stream, sample)):
+                self._finish(stream, *end)
+        # a constrained draw needs the token before it (handed out just now) for its mask
+        for i, stream in enumerate(streams):
+            if stream.constraint is not None and stream in self._active:
+                self._draw(stream, logits[i], stream.constraint.mask() if stream.constrained else None)
+        return []
+
+    def _speculative_step(self, streams: list[_Stream], depth: int) -> list[int]:
+        """The MTP head guesses `depth` tokens per sequence, the model checks them in one pass, and
+        each sequence keeps what `speculative.accept` accepts (see `mlxqwen.speculative`). Returns
+        how many guesses each kept."""
+        seqs = [s.seq for s in streams]
+        nexts = mx.concatenate([s.next_input for s in streams])
+        drafts: list[list[mx.array]] = [[] for _ in streams]
+
+        def pick(logits: mx.array) -> mx.array:
+            guesses = []
+            for i, stream in enumerate(streams):
+                drafts[i].append(stream.sampler.distribution(logits[i]))
+                guesses.append(stream.sampler.draw_from(drafts[i][-1]))
+            return mx.stack(guesses)
+
+        guessed = self.runtime.draft(seqs, nexts, depth, pick)
+        logits = self.runtime.verify(seqs, mx.concatenate([nexts[:, None], guessed], axis=1))
+        fed, ends, follows, kept = [], [], [], []
+        for i, (stream, guesses) in enumerate(zip(streams, guessed.tolist(), strict=True)):
+            tokens, n = accept(stream.sampler, logits[i], guesses, drafts[i])
+            stream.drafted, stream.accepted = stream.drafted + depth, stream.accepted + n
+            kept.append(n)
+            # what this pass fed: the next token, then the guesses accepted; each is handed out
+            count, end = 0, None
+            for j, token in enumerate([int(nexts[i].item())] + tokens[:-1]):
+                count += 1
+                if j == 0 and stream.launched is None:  # the prompt's last token
+                    stream.tokens.append(token)
+                    stream.fed += 1
+                    continue
+                sample = stream.launched if j == 0 else stream.sampler.report(logits[i, j - 1], mx.array(token))
+                if end := self._hand_out(stream, sample):
                     break
-                text, stopped = stops.push(detokenizer.add(token))
-                yield from reply.add(parser.feed(text))
-                if stopped:
-                    reason = "stop"
-                    break
-                if reply.generated >= max_new:
-                    reason = "length"
-                    break
-                if cancelled():
-                    reason = "cancelled"
-                    break
-                sample = next_sample
-            if not stopped:
-                text, _ = stops.push(detokenizer.flush())
-                yield from reply.add(parser.feed(text + stops.held))
-            yield from reply.add(parser.finish())
-            yield reply.done(context, reason)
-        finally:
-            backend.settle(context.cache)
+            fed.append(count)
+            ends.append(end)
+            follows.append(tokens[-1])
+        self.runtime.commit(seqs, fed)
+        for i, stream in enumerate(streams):
+            if ends[i]:
+                self._finish(stream, *ends[i])
+            else:  # the token after them is fed, and handed out, next step
+                stream.launched = stream.sampler.report(logits[i, fed[i] - 1], mx.array(follows[i]))
+                stream.next_input = mx.array([follows[i]])
+        return kept
+
+    def _draw(self, stream: _Stream, logits: mx.array, allowed: mx.array | None = None) -> None:
+        sample = stream.sampler(logits, allowed)
+        mx.async_eval(*(x for x in sample if x is not None))
+        stream.launched, stream.next_input = sample, sample.token.reshape(1)
+
+    def _hand_out(self, stream: _Stream, sample: Sample) -> tuple[str, bool] | None:
+        """Give the caller a token already fed to the model; returns (reason, stopped by a stop string)
+        when it ends the request."""
+        token = sample.token.item()
+        stream.tokens.append(token)
+        stream.generated += 1
+        if stream.generated == 1:
+            stream.first_token = time.perf_counter()
+        if stream.logprobs is not None:
+            top = (
+                ()
+                if sample.top_ids is None
+                else zip(sample.top_ids.tolist(), sample.top_logprobs.tolist(), strict=True)
+            )
+            stream.logprobs.append(TokenLogprob(token, sample.logprob.item(), tuple(top)))
+        if stream.constrained and token not in self.runtime.tokenizer.eos_token_ids:
+            stream.constraint.advance(token)
+        elif stream.constraint is not None and token == self._think_close:
+            stream.constrained = True  # the answer begins: from here it follows the format
+        if token in self.runtime.tokenizer.eos_token_ids:
+            return "stop", False
+        events, stopped = stream.text.add(token)
+        for event in events:
+            stream.handle._events.put(event)
+        if stopped:
+            return "stop", True
+        if stream.generated >= stream.max_new:
+            return "length", False
+        if stream.handle.cancelled:
+            return "cancelled", False
+        return None
+
+    def _make_room(self, streams: list[_Stream]) -> list[_Stream]:
+        """Put the youngest sequences back in the queue while the step would need more K/V than there is."""
+        while len(streams) > 1 and self._used(growth=1) > self.runtime.kv_capacity:
+            youngest = streams.pop()
+            self._preempt(youngest)
+        return streams
+
+    def _preempt(self, stream: _Stream) -> None:
+        pending = stream.first_input
+        if stream.launched is not None:
+            if end := self._hand_out(stream, stream.launched):
+                self._finish(stream, *end)
+                return
+            pending = stream.tokens.pop()  # handed out, but not fed yet
+        self.runtime.release(stream.seq)
+        self._active.remove(stream)
+        stream.seq, stream.launched, stream.decoding = None, None, False
+        stream.feed, stream.first_input, stream.position = list(stream.tokens), pending, 0
+        self._waiting.appendleft(stream)
+
+    # --- the end of a request ----------------------------------------------------------------
+
+    def _finish(self, stream: _Stream, reason: str, stopped: bool = False) -> None:
+        handle, runtime = stream.handle, self.runtime
+        if stream in self._active:
+            self._active.remove(stream)
+        events = stream.text.finish(stopped) if stream.text is not None else []
+        for event in events:
+            handle._events.put(event)
+        done = handle.done = self._done(stream, reason)
+        handle.tokens = list(stream.tokens)
+        turn = None
+        if stream.seq is not None and stream.generated and stream.request.next_turn is not None:
+            try:
+                turn = stream.request.next_turn(handle.tokens, done)
+            except Exception as e:  # only a cache would be missed: the reply stands
+                _log.warning("the next turn's tokens could not be rendered: %s", e)
+        if turn and turn[: len(stream.tokens)] == stream.tokens:
+            rest = turn[len(stream.tokens) :]
+            for i in range(0, len(rest), runtime.prefill_chunk):
+                runtime.prefill(stream.seq, rest[i : i + runtime.prefill_chunk])
+            self._keep(handle, "turn", turn, stream.seq)
+            turn = None
+        if stream.seq is not None:
+            runtime.release(stream.seq)
+        if not self._active:
+            runtime.settle()
+        handle._events.put(done)
+        if turn:
+            self._warm.append(_Warm(turn, handle))
+        else:
+            handle.finished.set()
+
+    def _done(self, stream: _Stream, reason: str) -> Done:
+        end = time.perf_counter()
+        first = stream.first_token if stream.generated else end
+        text = stream.text
+        calls = tuple(text.calls) if text else ()
+        stats = Stats(
+            prompt_tokens=stream.fed,
+            cached_tokens=stream.cached,
+            prompt_tps=stream.fed / max(first - stream.submitted, 1e-9),
+            generated_tokens=stream.generated,
+            generation_tps=(stream.generated - 1) / (end - first) if stream.generated > 1 else 0.0,
+            ttft=first - stream.submitted,
+            peak_memory=self.runtime.peak_memory(),
+            finish_reason="tool_calls" if reason == "stop" and calls else reason,
+            draft_tokens=stream.drafted,
+            accepted_tokens=stream.accepted,
+        )
+        logprobs = None if stream.logprobs is None else tuple(stream.logprobs)
+        if text is None:
+            return Done("", "", (), stats, logprobs)
+        return Done("".join(text.texts), "".join(text.thoughts), calls, stats, logprobs)

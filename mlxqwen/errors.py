@@ -21,12 +21,20 @@ class InsufficientMemoryError(ModelLoadError):
     """The model, at the context asked for, would not fit in this machine's memory."""
 
 
+class ChatTemplateError(ModelLoadError):
+    """The model's chat template fails: at load on a probe conversation, or on a conversation."""
+
+
 class ContextLimitError(ValueError):
     """The conversation would not fit in the model's maximum context."""
 
 
 class ConvertError(ValueError):
     """A conversion cannot go on; the message names the file, option or entry at fault."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for the model: try again later."""
 
 
 _command_line: ContextVar[bool] = ContextVar("mlxqwen_command_line", default=False)

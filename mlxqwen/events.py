@@ -45,8 +45,9 @@ class PrefillProgress:
 @dataclass(frozen=True)
 class Stats:
     """prompt_tokens: fed to the model by this call; cached_tokens: reused from the cache.
-    ttft: seconds to the first token; peak_memory: bytes (`Backend.peak_memory`).
-    finish_reason: "stop" (EOS or stop string), "tool_calls", "length" or "cancelled"."""
+    ttft: seconds to the first token; peak_memory: bytes (the runtime's `peak_memory`).
+    finish_reason: "stop" (EOS or stop string), "tool_calls", "length" or "cancelled".
+    draft_tokens: tokens the MTP head guessed (speculative decoding); accepted_tokens: of them, kept."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -56,6 +57,8 @@ class Stats:
     ttft: float
     peak_memory: int
     finish_reason: str
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)

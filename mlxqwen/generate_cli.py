@@ -15,8 +15,10 @@ from .cli import console, error, note
 from .display import format_size, format_stats
 from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
+BACKEND_HELP = "mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights"
 
-def _number(cast: type, low: float, rule: str, above: bool = False):
+
+def number_arg(cast: type, low: float, rule: str, above: bool = False):
     """An argparse type: a number of type `cast` at least `low` (above it with above=True)."""
 
     def parse(text: str):
@@ -31,39 +33,66 @@ def _number(cast: type, low: float, rule: str, above: bool = False):
     return parse
 
 
+def rope_scaling_arg(text: str) -> dict:
+    """--rope-scaling: a JSON object, as Qwen's model cards write it for vLLM."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a JSON object; for example \'{{"rope_type": "yarn", "factor": 4.0}}\''
+        )
+    return value
+
+
+def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context") -> None:
+    """--max-context (or fit's --context), --kv-bits, --rope-scaling and --backend: what `mlxqwen.load` takes."""
+    if context_flag == "--max-context":
+        parser.add_argument("--max-context", type=number_arg(int, 1, "at least 1"),
+                            help="context limit in tokens (default: the longest that fits in memory)")  # fmt: skip
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
+    parser.add_argument(
+        "--rope-scaling",
+        type=rope_scaling_arg,
+        metavar="JSON",
+        help='extend the context with YaRN, e.g. \'{"rope_type": "yarn", "factor": 4.0}\' '
+        "(optionally with original_max_position_embeddings, the trained context)",
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="answer one prompt", description="Answer one prompt.")
     gen.add_argument("model", help="a model name from mlxqwen list, a model directory or a .gguf file")
     gen.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from stdin)")
     gen.add_argument("--system", help="system message")
-    gen.add_argument("--max-tokens", type=_number(int, 1, "at least 1"),
+    gen.add_argument("--max-tokens", type=number_arg(int, 1, "at least 1"),
                      help="most tokens to generate, thinking included (default: until the model stops)")  # fmt: skip
-    gen.add_argument("--temp", type=_number(float, 0, "0 or more"),
+    gen.add_argument("--temp", type=number_arg(float, 0, "0 or more"),
                      help="temperature, 0 is greedy (default: the model's recommended sampling)")  # fmt: skip
-    gen.add_argument("--top-p", type=_number(float, 0, "above 0 and at most 1", above=True))
-    gen.add_argument("--top-k", type=_number(int, 0, "0 (off) or more"))
+    gen.add_argument("--top-p", type=number_arg(float, 0, "above 0 and at most 1", above=True))
+    gen.add_argument("--top-k", type=number_arg(int, 0, "0 (off) or more"))
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--no-think", action="store_true", help="answer without thinking first")
     gen.add_argument("--show-thinking", action="store_true", help="stream the thinking to stderr")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object (answer, thinking, tool calls, stats)")
-    gen.add_argument("--max-context", type=_number(int, 1, "at least 1"),
-                     help="context limit in tokens (default: what fits in memory)")  # fmt: skip
-    gen.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
-    gen.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights",
-    )
+    add_context_options(gen)
     gen.set_defaults(func=run_generate)
 
-    fit = subparsers.add_parser("fit", help="check that a model fits in memory", description="Memory estimate.")
-    fit.add_argument("model", help="a model name from mlxqwen list, or a model directory")
-    fit.add_argument("--context", type=_number(int, 1, "at least 1"),
+    fit = subparsers.add_parser(
+        "fit",
+        help="check that a model fits in memory",
+        description="Memory estimate, as mlxqwen.load checks it. MODEL may be a name from mlxqwen list, a model "
+        "directory (a config.json alone will do: the weights' size follows from it), a .gguf file, or a directory "
+        "with GGUF weights.",
+    )
+    fit.add_argument("model", help="a model name from mlxqwen list, a model directory or a .gguf file")
+    fit.add_argument("--context", type=number_arg(int, 1, "at least 1"),
                      help="context length in tokens (default: the model's maximum)")  # fmt: skip
-    fit.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantized K/V cache")
+    add_context_options(fit, "--context")
     fit.set_defaults(func=run_fit)
 
 
@@ -81,10 +110,13 @@ def run_generate(args: argparse.Namespace) -> int:
         if v is not None
     }
     with err.status(f"Loading {args.model}"), collect() as notes:
-        llm = load(args.model, backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
-    for text in notes:
-        if first_time(text):
-            note("generate", text)
+        llm = load(
+            args.model,
+            backend=args.backend,
+            max_context=args.max_context,
+            kv_bits=args.kv_bits,
+            rope_scaling=args.rope_scaling,
+        )
     events = llm.stream(
         prompt,
         system=args.system,
@@ -94,6 +126,9 @@ def run_generate(args: argparse.Namespace) -> int:
         **overrides,
     )
     done = _print_events(events, args, err)
+    for text in notes:  # advice once the answer is there: never before an error
+        if first_time(text):
+            note("generate", text)
     if args.json:
         print(
             json.dumps(
@@ -156,31 +191,32 @@ def _print_events(events, args: argparse.Namespace, err: Console) -> Done:
 
 def run_fit(args: argparse.Namespace) -> int:
     from . import memory
-    from .library import resolve_model
-    from .loader import default_dtype, load_model
+    from .backends import sizing
+    from .config import yarn_hint
 
     out = console()
-    path = resolve_model(args.model)
-    model, config = load_model(path, lazy=True)
-    context = args.context or config.max_position_embeddings
-    sizing = dict(weights=memory.weight_bytes(model), dtype=default_dtype(), kv_bits=args.kv_bits)
-    plan = memory.estimate(config, context, **sizing)
-    out.print(f"{path} with {context:,} tokens of context")
-    if context > config.max_position_embeddings:
-        out.print(f"the model is made for at most {config.max_position_embeddings:,} tokens", style="yellow")
+    choice, plan = sizing(args.model, args.backend, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
+    context = args.context or plan.limit
+    estimate = plan.estimate(context)
+    runtime = "llama.cpp" if choice.backend == "llama.cpp" else "MLX"
+    out.print(f"{choice.path} on {runtime} with {context:,} tokens of context")
     table = Table(show_header=False)
     for name, value in [
-        ("weights", plan.weights),
-        ("K/V cache" + (f" ({args.kv_bits}-bit)" if args.kv_bits else ""), plan.kv_cache),
-        ("recurrent state", plan.recurrent_state),
-        ("working memory", plan.working),
-        ("total", plan.total),
-        ("this machine allows", plan.budget),
+        ("weights", estimate.weights),
+        ("K/V cache" + (f" ({args.kv_bits}-bit)" if args.kv_bits else ""), estimate.kv_cache),
+        ("recurrent state", estimate.recurrent_state),
+        ("working memory", estimate.working),
+        ("runtime", estimate.runtime),
+        ("total", estimate.total),
+        ("this machine allows", estimate.budget),
     ]:
         table.add_row(name, format_size(value, binary=True))
     out.print(table)
-    out.print(plan.verdict, style="green" if plan.fits else "red")
-    if not plan.fits:
-        longest = memory.largest_context(config, **sizing)
+    if context > plan.limit:
+        out.print(f"past the {plan.limit:,} tokens this model handles; {yarn_hint(context, plan.trained)}", style="red")
+        return 1
+    out.print(estimate.verdict, style="green" if estimate.fits else "red")
+    if not estimate.fits:
+        longest = memory.largest_context(plan)
         out.print(f"longest context that fits: {longest:,} tokens" if longest else "no context fits")
-    return 0 if plan.fits else 1
+    return 0 if estimate.fits else 1

@@ -33,7 +33,7 @@ class LocalModel:
     name: str  # what `mlxqwen chat NAME` and `mlxqwen rm NAME` take
     path: Path  # a model directory, or a .gguf file
     format: str  # "mlx" (a directory), "gguf" (a file for llama.cpp), "mlx+gguf" (a directory holding a GGUF too)
-    where: str  # "library", "hf-cache" or "demo"
+    where: str  # "library", "hf-cache", "demo", or "path" (named by its path)
     size_bytes: int
     modified: float  # seconds since the epoch
     weights: str  # "4-bit", "bf16", "Q4_K_M", ...
@@ -218,3 +218,16 @@ def remove_model(model: LocalModel) -> None:
         shutil.rmtree(trash)
     else:
         model.path.unlink()
+
+
+def model_at(path: Path) -> LocalModel:
+    """The model directory or GGUF file at `path`, as the library would list it (named after it)."""
+    path = path.expanduser().resolve()
+    if path.is_file() and path.suffix == ".gguf":
+        return LocalModel(path.stem, path, "gguf", "path", disk_size(path), path.stat().st_mtime, _gguf_type(path))
+    config = _qwen_config(path) if path.is_dir() else None
+    if config is None:
+        raise ModelNotFoundError(f"{path}: not a Qwen model directory or GGUF file")
+    return LocalModel(
+        path.name, path, _directory_format(path), "path", disk_size(path), path.stat().st_mtime, _weights(config)
+    )

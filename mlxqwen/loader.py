@@ -4,6 +4,7 @@ memory check: `mlxqwen.backends.mlx.load`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,11 +12,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import read_config, read_weights
-from .config import ModelConfig, parse_config
+from .config import ModelConfig, Yarn, parse_config, with_yarn
 from .errors import ModelLoadError
 from .models import build_model
 
 # Parameters that lose accuracy outside fp32 (the decay exponent of Gated DeltaNet).
+log = logging.getLogger("mlxqwen")
+
 _KEEP_FP32 = ("A_log",)
 
 
@@ -62,14 +65,84 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[s
             )
 
 
-def load_model(path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False) -> tuple[nn.Module, ModelConfig]:
-    path = Path(path).expanduser()
+def _config(path: Path, yarn: Yarn | None) -> ModelConfig:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model directory")
     cfg = parse_config(read_config(path), str(path / "config.json"))
-    model = build_model(cfg)
+    return cfg if yarn is None else with_yarn(cfg, yarn)
+
+
+def model_from_config(
+    path: str | Path, dtype: mx.Dtype | None = None, yarn: Yarn | None = None
+) -> tuple[nn.Module, ModelConfig]:
+    """The model config.json describes, as `load_model` would hold it but without weights (what a
+    user has before downloading them), for its size: an MLX model's `quantization` as our
+    converter applies those bits, else unquantized in `dtype`."""
+    path = Path(path).expanduser()
+    cfg = _config(path, yarn)
+    from mlxqwen.convert.mlx import planned_model
+
+    q = cfg.mlx_quantization or {}
+    recipe = f"{q['bits']}bit" if q else "none"
+    try:
+        return planned_model(cfg, recipe, q.get("group_size", 64), dtype), cfg
+    except KeyError:
+        raise ModelLoadError(f"{path / 'config.json'}: quantization bits={q['bits']} is not supported") from None
+
+
+def _mtp_weights(
+    path: Path, cfg: ModelConfig, weights: dict[str, mx.array], mtp: bool | str | Path
+) -> tuple[dict[str, mx.array], dict[str, Path]]:
+    """The multi-token-prediction head's tensors (`mtp.*`) that `mtp` asks for: True, the checkpoint's
+    own; "auto", those if there are any; a path, a directory (or safetensors file) holding the head alone,
+    named with or without `mtp.` (quantized, if at all, as the model is)."""
+    if mtp is False:
+        return {}, {}
+    if isinstance(mtp, (str, Path)) and mtp != "auto":
+        source = Path(mtp).expanduser()
+        files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{source}: no MTP head (safetensors) there")
+        head, origin = {}, {}
+        for file in files:
+            for key, value in mx.load(str(file)).items():
+                name = key if key.startswith("mtp.") else f"mtp.{key}"
+                head[name], origin[name] = value, file
+    else:
+        head = {k: v for k, v in weights.items() if k.startswith("mtp.")}
+        origin = {}
+        if not head and mtp is True:
+            raise ModelLoadError(f"{path}: this checkpoint has no MTP head (mtp.* tensors)")
+    if head and cfg.family != "qwen3_5":
+        raise ModelLoadError(f"{path}: an MTP head needs a Qwen3.5-family model, not {cfg.model_type}")
+    return head, origin
+
+
+def _has_whole_head(model: nn.Module, weights: dict[str, mx.array]) -> bool:
+    return all(f"mtp.{k}" in weights for k, _ in tree_flatten(model.mtp.parameters()))
+
+
+def load_model(
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    yarn: Yarn | None = None,
+    mtp: bool | str | Path = False,
+) -> tuple[nn.Module, ModelConfig]:
+    """A checkpoint directory as a model and its config. yarn: YaRN context extension. mtp: also
+    Qwen3.5's multi-token-prediction head (see `_mtp_weights`); `model.mtp` holds it when loaded."""
+    path = Path(path).expanduser()
+    cfg = _config(path, yarn)
     raw, origin = read_weights(path)
+    head, head_origin = _mtp_weights(path, cfg, raw, mtp)
+    model = build_model(cfg, mtp=bool(head))
+    raw.update(head)
+    origin.update(head_origin)
     weights = model.sanitize(raw)
+    if head and mtp == "auto" and not _has_whole_head(model, weights):
+        log.warning("%s: the checkpoint's MTP head is incomplete; loading the model without it", path)
+        model = build_model(cfg)
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
     _quantize_for(model, cfg, weights)
     check_weights(model, weights, origin, path)
     model.load_weights(list(cast_weights(weights, dtype or default_dtype()).items()))

@@ -6,7 +6,8 @@ and `</think>`; the template may open `<think>` in the prompt, so the parser can
 inside it. Tool calls come in two Qwen formats, both inside `<tool_call>...</tool_call>`:
 JSON `{"name": ..., "arguments": {...}}` (Qwen2.5, Qwen3) and XML
 `<function=NAME><parameter=P>value</parameter></function>` (Qwen3.5/3.6, Qwen3-Coder).
-A call that cannot be parsed comes back as text, never as an exception."""
+A call that cannot be parsed comes back as text exactly as the model wrote it (the whitespace
+around it included), never as an exception."""
 
 from __future__ import annotations
 
@@ -137,9 +138,13 @@ class OutputParser:
                     return events
                 body, self.buffer = self.buffer[:end], self.buffer[end + len(CALL_CLOSE) :]
                 call = parse_tool_call(body, self.tools)
-                events.append(call or TextDelta(CALL_OPEN + body + CALL_CLOSE))
                 self.answered = True
-                self._switch("text")
+                if call is None:  # text after all: the segment it interrupted goes on, spaces and all
+                    self.state = "text"
+                    self._emit(CALL_OPEN + body + CALL_CLOSE, events)
+                else:
+                    events.append(call)
+                    self._switch("text")
                 continue
             if self.state == "text" and not self.answered:  # thinking may open only before any answer
                 head = self.buffer.lstrip()
@@ -159,13 +164,16 @@ class OutputParser:
                 return events
             self._emit(self.buffer[:i], events)
             self.buffer = self.buffer[i + len(tag) :]
-            self._switch("text" if tag == THINK_CLOSE else "call")
+            if tag == THINK_CLOSE:
+                self._switch("text")
+            else:  # the text segment waits, with its trailing spaces, in case the call is malformed
+                self.state = "call"
 
     def finish(self) -> list[ParsedEvent]:
         """End of output: what is held back comes out; an unterminated tool call comes back as text."""
         events: list[ParsedEvent] = []
         if self.state == "call":
-            events.append(TextDelta(CALL_OPEN + self.buffer))
+            events.append(TextDelta(self.segment.pending + CALL_OPEN + self.buffer))
         else:
             self._emit(self.buffer, events)
         self.buffer = ""

@@ -17,12 +17,13 @@ from pathlib import Path
 import mlx.nn as nn
 
 from . import memory
+from .backends.mlx import model_sizing
 from .checkpoint import read_json
 from .config import ModelConfig, parse_config
 from .errors import ModelLoadError, option
 from .hub import REPO_ID, snapshot
 from .library import models_dir
-from .loader import default_dtype, load_model
+from .loader import load_model
 
 
 class PullError(ModelLoadError):
@@ -38,11 +39,10 @@ class Pulled:
 
 
 def _fit(model: nn.Module, cfg: ModelConfig) -> tuple[memory.MemoryEstimate, bool]:
-    """The estimate at the longest context that fits, and whether the usual minimum (4096) fits."""
-    sizing = dict(weights=memory.weight_bytes(model), dtype=default_dtype())
-    longest = memory.largest_context(cfg, **sizing)
-    minimum = min(4096, cfg.max_position_embeddings)
-    return memory.estimate(cfg, max(longest, minimum), **sizing), longest >= minimum
+    """The estimate at the longest context that fits, and whether the least context worth running fits."""
+    sizing = model_sizing(model, cfg)
+    longest, least = memory.largest_context(sizing), memory.minimum_context(sizing)
+    return sizing.estimate(max(longest, least)), longest >= least
 
 
 def pull(

@@ -46,6 +46,32 @@ class SamplingParams:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
 
 
+@dataclass(frozen=True)
+class GenerationOptions(SamplingParams):
+    """Sampling (see `SamplingParams`) plus when to stop and what to report.
+
+    max_tokens: most tokens to generate (None: until EOS or the context is full).
+    stop: strings that end generation; the text stops before them.
+    logprobs: None, or report each token's log-probability with this many top alternatives.
+    format: None, "json" (a JSON object) or a JSON schema (a dict) the answer must follow
+    (see `mlxqwen.structured`)."""
+
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    format: str | Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be at least 1")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs={self.logprobs!r} must be 0 or more")
+        if not (self.format is None or self.format == "json" or isinstance(self.format, Mapping)):
+            raise ValueError(f"format={self.format!r}: use None, 'json' or a JSON schema (a dict)")
+
+
 def recommended_sampling(generation_config: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling fields a checkpoint's `generation_config.json` recommends (Qwen ships
     temperature, top_p and top_k there); `do_sample: false` means greedy."""
@@ -118,11 +144,10 @@ class Sampler:
             logits = logits - p.presence_penalty * (self.counts > 0) - p.frequency_penalty * self.counts
         return logits
 
-    def _draw(self, logits: mx.array) -> mx.array:
+    def _candidates(self, logits: mx.array) -> tuple[mx.array | None, mx.array]:
+        """The ids a draw may pick (None: every id) and their logits after top-k, temperature,
+        top-p and min-p (-inf where filtered out). Sampling only (temperature > 0)."""
         p = self.params
-        if p.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        self.key, key = mx.random.split(self.key)
         ids = None
         if 0 < p.top_k < logits.shape[-1]:
             ids = top_k_ids(logits, p.top_k)
@@ -139,16 +164,58 @@ class Sampler:
             if p.min_p > 0:
                 keep = keep & (probs >= p.min_p * probs[0])
             logits = mx.where(keep, logits, -mx.inf)
-        choice = mx.random.categorical(logits, key=key)
+        return ids, logits
+
+    def _draw(self, logits: mx.array) -> mx.array:
+        if self.params.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        ids, logits = self._candidates(logits)
+        choice = mx.random.categorical(logits, key=self._key())
         return choice if ids is None else ids[choice]
 
-    def __call__(self, logits: mx.array) -> Sample:
-        logits = logits.reshape(-1).astype(mx.float32)
-        token = self._draw(self._penalize(logits))
+    def _key(self) -> mx.array:
+        self.key, key = mx.random.split(self.key)
+        return key
+
+    def _processed(self, logits: mx.array, allowed: mx.array | None) -> mx.array:
+        logits = self._penalize(logits.reshape(-1).astype(mx.float32))
+        return logits if allowed is None else mx.where(allowed, logits, -mx.inf)
+
+    def distribution(self, logits: mx.array, allowed: mx.array | None = None) -> mx.array:
+        """The probabilities [vocab] a draw from `logits` follows now (penalties, filters and
+        temperature applied; all on the argmax when greedy). Changes nothing."""
+        logits = self._processed(logits, allowed)
+        if self.params.temperature == 0:
+            return (mx.arange(logits.shape[-1]) == mx.argmax(logits)).astype(mx.float32)
+        ids, candidates = self._candidates(logits)
+        probs = mx.softmax(candidates)
+        return probs if ids is None else mx.zeros(logits.shape[-1]).at[ids].add(probs)
+
+    def draw_from(self, probs: mx.array) -> mx.array:
+        """A token drawn from the probabilities `probs` (the largest when greedy)."""
+        if self.params.temperature == 0:
+            return mx.argmax(probs)
+        return mx.random.categorical(mx.log(probs), key=self._key())
+
+    def uniform(self) -> mx.array:
+        return mx.random.uniform(key=self._key())
+
+    def record(self, token: mx.array | int) -> None:
+        """Count `token` as generated (for the penalties)."""
         if self.seen is not None:
             self.seen = self.seen.at[token].add(1)
         if self.counts is not None:
             self.counts = self.counts.at[token].add(1)
+
+    def __call__(self, logits: mx.array, allowed: mx.array | None = None) -> Sample:
+        """Draw from `logits`; `allowed` (bool over the vocabulary) keeps the draw among those ids."""
+        token = self._draw(self._processed(logits, allowed))
+        self.record(token)
+        return self.report(logits, token)
+
+    def report(self, logits: mx.array, token: mx.array) -> Sample:
+        """`token` with its log-probability under `logits` and the top alternatives, as asked."""
+        logits = logits.reshape(-1).astype(mx.float32)
         if self.logprobs is None:
             return Sample(token)
         logprobs = logits - mx.logsumexp(logits)

@@ -127,6 +127,52 @@ def save_checkpoint(model, path: Path, style: str = "t5", tokenizer: bool = True
     return path
 
 
+class MTPReference(torch.nn.Module):
+    """Qwen3.5's multi-token-prediction head as llama.cpp runs it (transformers loads none): from the
+    model's normed hidden state at t and the embedding of token t+1, through `fc` and one
+    full-attention decoder layer, a normed hidden state whose logits guess token t+2."""
+
+    def __init__(self, model, seed: int = 1):
+        import importlib
+
+        super().__init__()
+        config = model.config
+        modeling = importlib.import_module(type(model).__module__)
+        prefix = type(model).__name__.removesuffix("ForCausalLM")
+        norm = getattr(modeling, f"{prefix}RMSNorm")
+        self.pre_fc_norm_embedding = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.pre_fc_norm_hidden = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.fc = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        full = config.layer_types.index("full_attention")
+        self.layers = torch.nn.ModuleList([getattr(modeling, f"{prefix}DecoderLayer")(config, full)])
+        self.norm = norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.apply(model._init_weights)  # as the model's own layers (a layer built alone is not initialized)
+        self.float().eval()
+        perturb(self, seed)
+        self.model = [model]  # not a submodule: its weights are not the head's
+
+    def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model[0]
+        rope = model.model.rotary_emb(hidden, torch.arange(hidden.shape[1])[None, None])
+        embedded = model.model.embed_tokens(next_tokens)
+        x = torch.cat([self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)], dim=-1)
+        return self.norm(self.layers[0](self.fc(x), position_embeddings=rope))
+
+
+def add_mtp_head(path: Path, head: MTPReference) -> Path:
+    """Write `head` into the checkpoint at `path` as Qwen3.5 releases store it (`mtp.*`)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    tensors.update({f"mtp.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["mtp_num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()

@@ -4,6 +4,7 @@ load from every place a checkpoint keeps them, and run sandboxed."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jinja2
@@ -12,6 +13,7 @@ from checkpoints import TOKENIZER_DIR
 
 from mlxqwen import ModelLoadError
 from mlxqwen.chat_template import ChatTemplate
+from mlxqwen.errors import ChatTemplateError
 from mlxqwen.tokenizer import Tokenizer
 
 TEMPLATES = {
@@ -94,7 +96,7 @@ def render_both(hf_tokenizer, source: str, messages, kwargs):
         try:
             return fn()
         except Exception as e:  # the same failure on both sides (a template may reject a conversation)
-            return ("error", type(e).__name__)
+            return ("error", type(e.__cause__ or e).__name__)
 
     theirs = run(lambda: hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False, **kwargs))
     ours = run(
@@ -162,5 +164,93 @@ def test_loading_places(tmp_path):
     ],
 )
 def test_sandbox(source):
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ChatTemplateError, match="^chat template: template error") as info:
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
+    assert isinstance(info.value.__cause__, jinja2.exceptions.SecurityError)
+
+
+QWEN38_STYLE = TOKENIZER_DIR.parent / "qwen3.8-style" / "chat_template.jinja"
+
+
+def test_thinking_levels_of_a_qwen38_style_template():
+    template = ChatTemplate(QWEN38_STYLE.read_text())
+    assert template.thinking_levels == ("low", "medium", "xhigh")
+    question = [{"role": "user", "content": "2+2?"}]
+    assert template.render(question).endswith("<think>\nReasoning effort: xhigh\n")  # the default
+    for level in template.thinking_levels:
+        variables = template.thinking_vars(level)
+        assert variables == {"enable_thinking": True, "reasoning_effort": level}
+        assert template.render(question, **variables).endswith(f"Reasoning effort: {level}\n")
+    assert template.render(question, **template.thinking_vars(False)).endswith("<think>\n\n</think>\n\n")
+    assert template.thinking_vars(None) == {}
+    with pytest.raises(ValueError, match=r"^think='high': this model's thinking levels are low, medium, xhigh$"):
+        template.thinking_vars("high")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_on_off_templates_have_no_thinking_levels(name):
+    template = ChatTemplate(TEMPLATES[name].read_text())
+    assert template.thinking_levels == ()
+    assert template.thinking_vars(True) == {"enable_thinking": True}
+    with pytest.raises(ValueError, match="no thinking levels; think takes true or false"):
+        template.thinking_vars("low")
+
+
+ESCAPE = "{{ messages[0].content.__class__.__mro__[1].__subclasses__() }}"
+# renders the probe conversation, fails on a message that says "boom"
+LATE_ESCAPE = "{% for m in messages %}{% if 'boom' in m.content %}" + ESCAPE + "{% endif %}{{ m.content }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from checkpoints import build_reference, save_checkpoint
+
+    return save_checkpoint(build_reference("qwen3", vocab_size=151936), tmp_path_factory.mktemp("tiny"))
+
+
+def with_template(tiny_dir, tmp_path, source: str):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_dir.iterdir():
+        (model / f.name).symlink_to(f)
+    (model / "chat_template.jinja").unlink()
+    (model / "chat_template.jinja").write_text(source)
+    return model
+
+
+def test_a_template_escaping_the_sandbox_is_refused_at_load(tiny_dir, tmp_path, capsys):
+    import mlxqwen
+    from mlxqwen.cli import main
+
+    model = with_template(tiny_dir, tmp_path, ESCAPE)
+    expected = f"{model / 'chat_template.jinja'}: template error on a probe conversation (access to attribute"
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
+        mlxqwen.load(model)
+    assert main(["generate", str(model), "-p", "Hello", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mlxqwen generate: error: {expected}") and "Traceback" not in err
+
+
+def test_a_template_failing_later_is_one_line_at_generate(tiny_dir, tmp_path, capsys):
+    import mlxqwen
+    from mlxqwen.cli import main
+
+    model = with_template(tiny_dir, tmp_path, LATE_ESCAPE)
+    llm = mlxqwen.load(model)  # the probe conversation renders
+    with pytest.raises(ChatTemplateError, match="chat_template.jinja: template error"):
+        llm.generate("boom")
+    assert main(["generate", str(model), "-p", "boom", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat_template.jinja: template error (access to attribute" in err
+
+
+def test_a_gguf_template_is_checked_at_load(tiny_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from checkpoints import to_gguf
+
+    import mlxqwen
+
+    gguf = to_gguf(with_template(tiny_dir, tmp_path, ESCAPE), tmp_path / "m.gguf", "F32")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{gguf} (tokenizer.chat_template): template error on a probe")):
+        mlxqwen.load(gguf)

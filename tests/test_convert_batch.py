@@ -95,6 +95,24 @@ def test_manifest_errors(sources, tmp_path, text, message):
         load_manifest(manifest)
 
 
+def test_defaults_apply_to_the_entries_of_their_format(sources, tmp_path):
+    """`[defaults]` holds options of several formats (the README's example has an MLX one); each
+    entry takes those of its own format."""
+    pytest.importorskip("gguf")
+    manifest = tmp_path / "mixed.toml"
+    manifest.write_text(
+        f"[defaults]\noutput_dir = 'out'\ngroup_size = 32\nquant = 'F16'\n"
+        f"[[convert]]\nsource = {str(sources / 'qwen3')!r}\n"
+        f"[[convert]]\nsource = {str(sources / 'qwen3')!r}\nto = 'gguf'\n"
+    )
+    mlx, gguf = load_manifest(manifest)
+    assert mlx.options["group_size"] == 32 and "quant" not in mlx.options
+    assert gguf.options == {"quant": "F16"} and gguf.output == tmp_path / "out" / "qwen3-F16.gguf"
+    manifest.write_text(f"[defaults]\ngrup_size = 32\n[[convert]]\nsource = {str(sources / 'qwen3')!r}\n")
+    with pytest.raises(ConvertError, match=r"\[defaults\]: unknown option 'grup_size'"):
+        load_manifest(manifest)
+
+
 def test_cli_single_conversion(sources, tmp_path, capsys):
     out = tmp_path / "q8"
     assert main(["convert", str(sources / "qwen3"), "-o", str(out), "--recipe", "8bit", "--group-size", "32"]) == 0

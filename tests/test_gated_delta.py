@@ -21,7 +21,7 @@ def test_chunked_equals_recurrent(length, decay):
     g = -mx.random.uniform(0, decay, (B, length, H))
     beta = mx.random.uniform(shape=(B, length, H))
     state = mx.random.normal((B, H, Dk, Dv)) * 0.1
-    out_a, state_a = _recurrent(q, k, v, g, beta, state)
+    out_a, (state_a,) = _recurrent(q, k, v, g, beta, state)
     out_b, state_b = _chunked(q, k, v, g, beta, state)
     np.testing.assert_allclose(np.array(out_b), np.array(out_a), atol=1e-5 * float(mx.abs(out_a).max()))
     np.testing.assert_allclose(np.array(state_b), np.array(state_a), atol=1e-5 * float(mx.abs(state_a).max()))

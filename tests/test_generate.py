@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
-from scripted import ScriptedBackend
+from scripted import ScriptedRuntime, scripted_llm
 
 import mlxqwen
 from mlxqwen import ContextLimitError, Done, GenerationOptions, TextDelta, ThinkingDelta, ToolCall
@@ -48,7 +48,7 @@ def tokens_of(done: Done) -> list[int]:
 
 
 def run(llm, prompt=PROMPT, **kwargs) -> Done:
-    return mlxqwen.engine.last(llm.stream(prompt, raw=True, logprobs=0, **kwargs))
+    return mlxqwen.llm.last(llm.stream(prompt, raw=True, logprobs=0, **kwargs))
 
 
 def test_greedy_equals_reference_loop(llm):
@@ -69,7 +69,8 @@ def test_greedy_equals_reference_loop(llm):
 def test_chunked_prefill_and_top_logprobs(llm, monkeypatch):
     prompt = llm.tokenizer.encode(PROMPT * 3)
     expected, _ = reference_greedy(llm.model, prompt, 8)
-    monkeypatch.setattr(llm, "prefill_chunk", 4)
+    monkeypatch.setattr(llm.runtime, "prefill_chunk", 4)
+    llm.prefix_cache.clear()  # the whole prompt is read
     events = list(llm.stream(PROMPT * 3, raw=True, temperature=0, max_tokens=8, logprobs=5))
     progress = [e for e in events if isinstance(e, mlxqwen.PrefillProgress)]
     assert [p.done for p in progress] == list(range(4, len(prompt) - 1, 4)) + [len(prompt) - 1]
@@ -110,10 +111,10 @@ def test_stop_strings_eos_and_limits(llm, monkeypatch):
     monkeypatch.undo()
 
     prompt = tok.encode(PROMPT)
-    monkeypatch.setattr(llm, "max_context", len(prompt) + 3)
+    monkeypatch.setattr(llm.runtime, "max_context", len(prompt) + 3)
     done = run(llm, temperature=0, max_tokens=N)
     assert (done.finish_reason, done.stats.generated_tokens) == ("length", 3)
-    monkeypatch.setattr(llm, "max_context", len(prompt))
+    monkeypatch.setattr(llm.runtime, "max_context", len(prompt))
     with pytest.raises(ContextLimitError, match="maximum context"):
         run(llm)
 
@@ -133,7 +134,7 @@ def test_cancel_from_another_thread(llm):
 
     cancel = threading.Event()
     cancel.set()
-    done = mlxqwen.engine.last(llm.stream(PROMPT, raw=True, cancel=cancel))
+    done = mlxqwen.llm.last(llm.stream(PROMPT, raw=True, cancel=cancel))
     assert (done.finish_reason, done.stats.generated_tokens) == ("cancelled", 0)
 
 
@@ -152,7 +153,8 @@ def test_chat_template_prompt(llm):
     text = llm.prompt_text("hi", system="Be brief.", think=False)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>")
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    done = mlxqwen.engine.last(llm.stream("hi", system="Be brief.", temperature=0, max_tokens=4, think=False))
+    llm.prefix_cache.clear()
+    done = mlxqwen.llm.last(llm.stream("hi", system="Be brief.", temperature=0, max_tokens=4, think=False))
     assert done.stats.prompt_tokens == len(llm.tokenizer.encode(text))
 
 
@@ -243,12 +245,13 @@ def test_quantized_kv_cache(tmp_path):
 
 
 def test_events_from_a_scripted_model():
-    backend = ScriptedBackend(Tokenizer.from_dir(TOKENIZER_DIR))
+    backend = ScriptedRuntime(Tokenizer.from_dir(TOKENIZER_DIR))
+    llm = scripted_llm(backend)
     backend.say(
         "The user wants the weather.\n</think>\n\nLet me check.\n\n<tool_call>\n<function=get_weather>\n"
         "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
     )
-    events = list(backend.stream("Weather in Paris?"))  # the Qwen3.5 template opens <think>
+    events = list(llm.stream("Weather in Paris?"))  # the Qwen3.5 template opens <think>
     kinds = [type(e) for e in events]
     assert kinds.index(ThinkingDelta) < kinds.index(TextDelta) < kinds.index(ToolCall) < kinds.index(Done)
     done = events[-1]
@@ -260,7 +263,7 @@ def test_events_from_a_scripted_model():
     assert math.isfinite(done.stats.ttft)
 
     backend.say("Hello")
-    assert backend.generate("Hi", think=False) == "Hello"
+    assert llm.generate("Hi", think=False) == "Hello"
 
 
 def test_generate_command(llm, capsys):

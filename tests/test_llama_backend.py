@@ -15,27 +15,22 @@ import pytest
 from checkpoints import build_reference, save_checkpoint, to_gguf
 
 import mlxqwen
-from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta
-from mlxqwen.engine import last
+from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta, memory
+from mlxqwen.llm import last
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from mlxqwen.convert import gguf_mapping  # noqa: E402
 from mlxqwen.tui.app import ChatApp  # noqa: E402
 from mlxqwen.tui.store import ChatSettings, ChatStore  # noqa: E402
-from test_gguf import _LINEAR, QUANT_CASES, VOCAB, min_cosine, rel_err  # noqa: E402
+from test_gguf import QUANT_CASES, VOCAB, min_cosine, rel_err  # noqa: E402
 from test_tui import SIZE, answered, anyio_backend, conversation, isolated, ready, send  # noqa: E402,F401
 
 from mlxqwen import backends  # noqa: E402
 from mlxqwen.backends import llama_cpp as llama_cpp_backend  # noqa: E402
+from mlxqwen.backends import sizing  # noqa: E402
 
-ARCHS = {
-    "qwen2": {},
-    "qwen3": {},
-    "qwen3_moe": {},
-    "qwen3_5_text": _LINEAR,
-    "qwen3_5_moe_text": _LINEAR,
-}
+ARCHS = ["qwen2", "qwen3", "qwen3_moe", "qwen3_5_text", "qwen3_5_moe_text"]
 TOKENS = [int(t) for t in np.random.RandomState(2).randint(0, 151_600, 24)]
 # Both backends in float32 (llama.cpp with an F32 K/V cache and float32 attention) differ only by
 # the order of float32 sums: measured <= 5e-7 relative to the largest logit on every architecture.
@@ -44,14 +39,8 @@ REPLY = 5
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """arch -> (Hugging Face checkpoint, its F32 GGUF)."""
-    out = {}
-    for arch, overrides in ARCHS.items():
-        tmp = tmp_path_factory.mktemp(arch)
-        src = save_checkpoint(build_reference(arch, vocab_size=VOCAB, **overrides), tmp / "hf")
-        out[arch] = src, to_gguf(src, tmp / "model-F32.gguf", "F32")
-    return out
+def models(tiny_models) -> dict[str, tuple[Path, Path]]:
+    return tiny_models
 
 
 def load_f32(path: Path, **kwargs):
@@ -59,11 +48,16 @@ def load_f32(path: Path, **kwargs):
 
 
 def step_logits(llm, tokens: list[int]) -> np.ndarray:
-    cache = llm.new_cache()
-    return np.stack([np.array(llm.forward(cache, mx.array([t]))) for t in tokens])
+    """The runtime's logits after each token, fed one at a time."""
+    runtime = llm.runtime
+    seq = runtime.new_sequence()
+    try:
+        return np.stack([np.array(runtime.decode([seq], mx.array([t]))[0]) for t in tokens])
+    finally:
+        runtime.release(seq)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_f32_gguf_matches_the_mlx_backend(models, arch):
     src, gguf = models[arch]
     llm, reference = load_f32(gguf), mlxqwen.load(src, backend="mlx", dtype=mx.float32)
@@ -93,23 +87,24 @@ def llm(request, models):
 
 def evaluated(llm) -> int:
     """Tokens llama.cpp has evaluated in this context, by its own count."""
-    perf = llama_cpp.llama_perf_context(llm.ctx)
+    perf = llama_cpp.llama_perf_context(llm.runtime.ctx)
     return perf.n_p_eval + perf.n_eval
 
 
 def check_against_scratch(llm, chat, message: str) -> None:
-    """The next reply from the chat's cache equals a greedy loop over the same tokens from an
-    empty cache (which also parks the chat's state and brings it back)."""
+    """The next reply from the chat's state equals a greedy loop over the same tokens from an
+    empty sequence."""
     done = chat.send(message, temperature=0, max_tokens=REPLY, logprobs=0)
-    tokens = chat._context.tokens
-    cache = llm.new_cache()
-    llm.prefill(cache, tokens[: len(tokens) - REPLY - 1])
-    logits = llm.forward(cache, mx.array(tokens[len(tokens) - REPLY - 1 : len(tokens) - REPLY]))
+    tokens, runtime = chat._tokens, llm.runtime
+    seq = runtime.new_sequence()
+    runtime.prefill(seq, tokens[: len(tokens) - REPLY - 1])
+    logits = runtime.decode([seq], mx.array(tokens[len(tokens) - REPLY - 1 : len(tokens) - REPLY]))[0]
     expected, logprobs = [], []
     for _ in range(REPLY):
         expected.append(int(mx.argmax(logits)))
         logprobs.append(float(logits[expected[-1]] - mx.logsumexp(logits)))
-        logits = llm.forward(cache, mx.array(expected[-1:]))
+        logits = runtime.decode([seq], mx.array(expected[-1:]))[0]
+    runtime.release(seq)
     assert [t.token for t in done.logprobs] == expected
     np.testing.assert_allclose([t.logprob for t in done.logprobs], logprobs, atol=1e-4)
 
@@ -162,14 +157,14 @@ def test_cancel_threads_and_other_generations_keep_the_chat(llm):
 
     # stopped while the prompt is read: the message is dropped, the cache rolled back
     history, tokens = chat.history, chat.tokens
-    chunk = llm.prefill_chunk
-    llm.prefill_chunk = 4
+    chunk = llm.runtime.prefill_chunk
+    llm.runtime.prefill_chunk = 4
     try:
         for event in chat.stream("A long message " * 8):
             if isinstance(event, PrefillProgress):
                 chat.cancel()
     finally:
-        llm.prefill_chunk = chunk
+        llm.runtime.prefill_chunk = chunk
     assert event.finish_reason == "cancelled" and (chat.history, chat.tokens) == (history, tokens)
 
     # another generation in between, and the next turns in other threads
@@ -331,8 +326,13 @@ def test_load_errors_and_memory(models, tmp_path, monkeypatch):
     fake.write_bytes(b"PK\x03\x04 a zip file")
     with pytest.raises(ModelLoadError, match="fake.gguf: not a GGUF file"):
         mlxqwen.load(fake)
+    data = models["qwen3"][1].read_bytes()
+    header = tmp_path / "header.gguf"
+    header.write_bytes(data[:100_000])
+    with pytest.raises(ModelLoadError, match="header.gguf: truncated GGUF header$"):
+        mlxqwen.load(header)
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(models["qwen3"][1].read_bytes()[:100_000])
+    broken.write_bytes(data[:-100_000])
     with pytest.raises(ModelLoadError, match=r"broken.gguf: llama.cpp cannot load this model \(.+\)$") as info:
         mlxqwen.load(broken)
     assert "\n" not in str(info.value)
@@ -349,9 +349,15 @@ def test_load_errors_and_memory(models, tmp_path, monkeypatch):
         mlxqwen.load(gguf, kv_bits=8)
     with pytest.raises(ValueError, match="kv_bits=6"):
         mlxqwen.load(gguf, kv_bits=6)
-    monkeypatch.setattr(mlxqwen.memory, "memory_budget", lambda: int(1.25 * mlxqwen.memory.GiB))
-    with pytest.raises(InsufficientMemoryError, match="max_context=4000000 the model does not fit"):
+    with pytest.raises(ModelLoadError, match="max_context=4000000 is past the 4,096 tokens this model handles"):
         mlxqwen.load(gguf, max_context=4_000_000)
-    monkeypatch.setattr(mlxqwen.memory, "memory_budget", lambda: mlxqwen.memory.GiB)
-    with pytest.raises(InsufficientMemoryError, match="does not fit"):
+    budget = memory.GiB + sizing(gguf)[1].estimate(0).runtime
+    monkeypatch.setattr(memory, "memory_budget", lambda: budget)
+    yarn = {"rope_type": "yarn", "factor": 1000}
+    with pytest.raises(
+        InsufficientMemoryError, match=r"max_context=4000000 the model does not fit.*; max_context=\d+ fits$"
+    ):
+        mlxqwen.load(gguf, max_context=4_000_000, rope_scaling=yarn)
+    monkeypatch.setattr(memory, "memory_budget", lambda: memory.GiB // 2)
+    with pytest.raises(InsufficientMemoryError, match="at 1024 tokens of context the model does not fit"):
         mlxqwen.load(gguf)

@@ -106,6 +106,17 @@ CASES = [
         [ToolCall("get_weather", {"city": "Paris", "days": 2}), ToolCall("get_weather", {"city": "Rome"})],
     ),
     (
+        "malformed calls come back as written, with the spaces around them",
+        False,
+        'Let me check. <tool_call>\n{"name": broken}\n</tool_call>  Done.\n\n<tool_call>{"name": "f"}</tool_call>'
+        " Then\n <tool_call>\n{oops ",
+        [
+            TextDelta('Let me check. <tool_call>\n{"name": broken}\n</tool_call>  Done.'),
+            ToolCall("f", {}),
+            TextDelta("Then\n <tool_call>\n{oops "),
+        ],
+    ),
+    (
         "malformed calls come back as text",
         False,
         'A<tool_call>\n{"name": broken}\n</tool_call>B<tool_call><function=f><oops></function></tool_call>'

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
-from scripted import ScriptedBackend
+from scripted import ScriptedRuntime, scripted_llm
 
 import mlxqwen
 from mlxqwen import ContextLimitError, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
@@ -29,18 +29,19 @@ def llm(tmp_path_factory):
 def fed(llm, monkeypatch) -> list[int]:
     """Counts every token fed to the model (prefill chunks and decode steps)."""
     counter = [0]
-    prefill, forward = llm.prefill, llm.forward
+    runtime = llm.runtime
+    prefill, decode = runtime.prefill, runtime.decode
 
-    def counting_prefill(cache, tokens):
+    def counting_prefill(seq, tokens):
         counter[0] += len(tokens)
-        return prefill(cache, tokens)
+        return prefill(seq, tokens)
 
-    def counting_forward(cache, tokens):
+    def counting_decode(seqs, tokens):
         counter[0] += tokens.size
-        return forward(cache, tokens)
+        return decode(seqs, tokens)
 
-    monkeypatch.setattr(llm, "prefill", counting_prefill)
-    monkeypatch.setattr(llm, "forward", counting_forward)
+    monkeypatch.setattr(runtime, "prefill", counting_prefill)
+    monkeypatch.setattr(runtime, "decode", counting_decode)
     return counter
 
 
@@ -59,7 +60,7 @@ def check_against_scratch(llm, chat, message: str) -> None:
     """The next reply from the session's cache equals a plain greedy loop over the same tokens
     computed from scratch in one pass."""
     done = chat.send(message, temperature=0, max_tokens=REPLY, logprobs=0)
-    tokens = chat._context.tokens
+    tokens = chat._tokens
     prompt = tokens[: len(tokens) - done.stats.generated_tokens]
     cache = llm.model.make_cache()
     logits = llm.model(mx.array([prompt]), cache=cache)[0, -1]
@@ -83,7 +84,7 @@ def test_ten_turns_prefill_only_new_tokens(llm, fed):
         done = chat.send(message)
         assert (done.stats.cached_tokens, done.stats.prompt_tokens) == (cached, len(new))
         assert fed[0] - before == len(new) + REPLY
-        assert chat._context.tokens[cached : cached + len(new)] == new
+        assert chat._tokens[cached : cached + len(new)] == new
         naive += len(llm.tokenizer.encode(llm.prompt_text(chat.history[:-1]))) + REPLY
     assert fed[0] == chat.tokens  # every token of the conversation went through the model once
     assert len(chat.history) == 21 and chat.history[-1]["role"] == "assistant"
@@ -98,7 +99,7 @@ def test_thinking_of_earlier_turns_stays_in_the_cache(llm):
     thinking_ids = llm.tokenizer.encode(first.thinking)
     chat.send("Again")
     rerender = llm.tokenizer.encode(llm.prompt_text(chat.history[:-1]))
-    cached = chat._context.tokens
+    cached = chat._tokens
     # the template would drop the first reply's thinking; the cache keeps the reply as generated
     assert llm.tokenizer.decode(cached).count(first.thinking) == 1
     assert llm.tokenizer.decode(rerender).count(first.thinking) == 0
@@ -128,6 +129,21 @@ def test_regenerate_and_edit_last_roll_back(llm, fed):
     check_against_scratch(llm, chat, "Fourth question")
 
 
+def test_regenerate_with_another_thinking_setting(llm, fed):
+    chat = llm.chat(temperature=0, max_tokens=REPLY)
+    chat.send("First question")
+    chat.send("Second question", think=True)
+    before = fed[0]
+    again = chat.regenerate(think=False)  # another generation prompt, after what it shares with the last
+    assert fed[0] - before == again.stats.prompt_tokens + REPLY and again.stats.prompt_tokens > 1
+    assert llm.tokenizer.decode(chat._tokens).count("<think>\n\n</think>") == 1
+    assert not again.thinking and chat.history[-1] == again.to_message() and len(chat.history) == 4
+    before = fed[0]
+    assert chat.regenerate(think=False).stats.prompt_tokens == 1  # the same setting: nothing read again
+    assert fed[0] - before == 1 + REPLY
+    check_against_scratch(llm, chat, "Third question")
+
+
 def test_cancel_keeps_the_session_consistent(llm, monkeypatch):
     chat = llm.chat(temperature=0)
     chat.send("Start", max_tokens=REPLY)
@@ -144,7 +160,7 @@ def test_cancel_keeps_the_session_consistent(llm, monkeypatch):
 
     # stopped while the prompt is being read: the message is dropped, the cache rolled back
     history, tokens = chat.history, chat.tokens
-    monkeypatch.setattr(llm, "prefill_chunk", 4)
+    monkeypatch.setattr(llm.runtime, "prefill_chunk", 4)
     for event in chat.stream("A long message " * 8):
         if isinstance(event, PrefillProgress):
             chat.cancel()
@@ -170,7 +186,7 @@ def test_restored_history_and_limits(llm, monkeypatch, fed):
     assert fed[0] == len(llm.tokenizer.encode(full)) + REPLY == chat.tokens
 
     snapshot, tokens = chat.history, chat.tokens
-    monkeypatch.setattr(llm, "max_context", tokens + 10)
+    monkeypatch.setattr(llm.runtime, "max_context", tokens + 10)
     with pytest.raises(ContextLimitError):
         chat.send("This message is longer than ten tokens, surely it is.")
     assert chat.history == snapshot and chat.tokens == tokens
@@ -180,17 +196,17 @@ def test_restored_history_and_limits(llm, monkeypatch, fed):
         chat.regenerate()
 
 
-def scripted(template: str) -> ScriptedBackend:
+def scripted(template: str) -> ScriptedRuntime:
     tokenizer = Tokenizer.from_dir(TOKENIZER_DIR)
     source = (TOKENIZER_DIR / "templates" / f"{template}.jinja").read_text()
     tokenizer.chat_template = ChatTemplate(source, {"eos_token": "<|im_end|>"})
-    return ScriptedBackend(tokenizer)
+    return ScriptedRuntime(tokenizer)
 
 
 def test_cache_is_the_rendered_conversation_and_tool_calls(llm):
     backend = scripted("qwen2.5")
     weather = {"type": "function", "function": {"name": "weather", "parameters": {"properties": {}}}}
-    chat = backend.chat(system="Be brief.", tools=[weather])
+    chat = scripted_llm(backend).chat(system="Be brief.", tools=[weather])
     backend.say("Hello! How can I help?")
     assert chat.send("Hi").finish_reason == "stop"
     backend.say('<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
@@ -205,7 +221,7 @@ def test_cache_is_the_rendered_conversation_and_tool_calls(llm):
     rendered = backend.tokenizer.encode(
         backend.tokenizer.chat_template.render(chat.history, tools=[weather], add_generation_prompt=False)
     )
-    assert chat._context.cache == chat._context.tokens == rendered[:-1]  # all but the final "\n"
+    assert chat._tokens == rendered[:-1]  # all but the final "\n"
     assert backend.fed == chat.tokens
 
 
@@ -213,7 +229,7 @@ def test_chat_needs_a_template():
     backend = scripted("qwen2.5")
     backend.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
-        backend.chat()
+        scripted_llm(backend).chat()
 
 
 def test_turns_in_different_threads(llm):

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import huggingface_hub.constants
-import mlx.core as mx
 import pytest
 import safetensors.numpy
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
@@ -28,15 +27,14 @@ from mlxqwen.tui.fit import memory_plan
 from mlxqwen.tui.screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
 from mlxqwen.tui.store import ChatSettings, ChatStore
 from mlxqwen.tui.widgets import AssistantMessage, ChatInput, ChatMarkdown, CopyableFence, ToolCallBlock, UserMessage
+from scripted import ScriptedRuntime, scripted_llm
 from textual.widgets import Markdown
 from textual.widgets._footer import FooterKey
 from textual.widgets.markdown import MarkdownBlock
 
 import mlxqwen.demo
 import mlxqwen.memory
-from mlxqwen import GenerationOptions
 from mlxqwen.display import format_size
-from mlxqwen.engine import Backend
 from mlxqwen.tokenizer import Tokenizer
 
 GiB = 1024**3
@@ -85,47 +83,10 @@ def store_path(tmp_path) -> Path:
     return tmp_path / "data" / "chats.sqlite"
 
 
-class ScriptedReplies(Backend):
-    """A model that writes fixed replies, one per generation, in turn (a new generation starts
-    after a prefill or a restore); `gates` hold a generation before the token at that index
-    until they are set. (tests/scripted.py's ScriptedBackend says one reply, for engine tests.)"""
-
-    def __init__(self, replies: list[str], gates: dict[int, threading.Event] | None = None):
-        self.tokenizer = Tokenizer.from_dir(TOKENIZER_DIR)
-        self.defaults = GenerationOptions(temperature=0.0)
-        self.max_context = 4096
-        end = self.tokenizer.token_to_id("<|im_end|>")
-        self.replies = [self.tokenizer.encode(r) + [end] for r in replies]
-        self.gates = gates or {}
-        self.started = 0
-
-    def new_cache(self) -> dict:
-        return {"fed": 0, "step": 0}
-
-    def prefill(self, cache: dict, tokens: list[int]) -> None:
-        cache["fed"] += len(tokens)
-        cache["step"] = 0
-
-    def forward(self, cache: dict, tokens: mx.array) -> mx.array:
-        if cache["step"] == 0:
-            self.started += 1
-        reply = self.replies[(self.started - 1) % len(self.replies)]
-        step = cache["step"]
-        cache["step"] += 1
-        cache["fed"] += tokens.size
-        if step in self.gates:
-            assert self.gates[step].wait(30)
-        token = reply[min(step, len(reply) - 1)]
-        return mx.where(mx.arange(151936) == token, 0.0, -1e9)
-
-    def snapshot(self, cache: dict) -> dict:
-        return dict(cache)
-
-    def restore(self, cache: dict, snapshot: dict) -> None:
-        cache.update(snapshot, step=0)
-
-    def settle(self, cache) -> None:
-        pass
+def ScriptedReplies(replies: list[str], gates: dict[int, threading.Event] | None = None) -> ScriptedRuntime:
+    """A model that writes fixed replies, one per generation, in turn; `gates` hold a generation
+    before the token at that index until they are set."""
+    return ScriptedRuntime(Tokenizer.from_dir(TOKENIZER_DIR), replies, max_context=4096, gates=gates)
 
 
 ANSWER = (
@@ -135,10 +96,10 @@ ANSWER = (
 )
 
 
-def scripted_app(store_path: Path, backend: ScriptedReplies, **kwargs) -> ChatApp:
+def scripted_app(store_path: Path, backend: ScriptedRuntime, **kwargs) -> ChatApp:
     model_dir = store_path.parent / "models" / "qwen-scripted"
     model_dir.mkdir(parents=True, exist_ok=True)
-    return ChatApp(model_dir, store=ChatStore(store_path), loader=lambda path: backend, **kwargs)
+    return ChatApp(model_dir, store=ChatStore(store_path), loader=lambda path: scripted_llm(backend), **kwargs)
 
 
 async def until(pilot, condition, timeout: float = 60) -> None:
@@ -311,7 +272,7 @@ async def test_message_sent_while_loading_is_answered_when_ready(store_path):
 
     def slow_load(path):
         assert gate.wait(30)
-        return backend
+        return scripted_llm(backend)
 
     model_dir = store_path.parent / "models" / "qwen-slow"
     model_dir.mkdir(parents=True)
@@ -577,10 +538,10 @@ async def test_status_line_names_the_model_as_mlxqwen_list_does(tiny_model, stor
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     backend = ScriptedReplies(["Hi."])
-    app = ChatApp(snapshot, store=ChatStore(store_path), loader=lambda path: backend)
+    app = ChatApp(snapshot, store=ChatStore(store_path), loader=lambda path: scripted_llm(backend))
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        assert str(app.query_one("#status-text").render()).startswith("Qwen/Tiny · ScriptedReplies · ")
+        assert str(app.query_one("#status-text").render()).startswith("Qwen/Tiny · scripted · ")
 
 
 async def test_speed_shows_while_generating_and_thinking_keeps_its_lines(store_path, monkeypatch):

@@ -90,7 +90,6 @@ class ChatApp(App):
         self.speed: float | None = None  # tokens/s of the reply being generated, so far
         self.pending: tuple[Callable[[], None], str] | None = None  # a turn waiting for the model, its text
         self.editing = False
-        self.turn_think: bool | None = None  # the thinking setting of the session's last turn
 
     # --- layout -------------------------------------------------------------------------
 
@@ -318,11 +317,8 @@ class ChatApp(App):
         def events(session: ChatSession | None) -> Iterator:
             # the session's snapshots serve when its last turn is the one being redone
             if session is not None and session.history[self.system_offset :][:-1] == base + [user_message]:
-                try:
-                    if self.turn_think == self.chat.settings.think:
-                        return session.stream_regenerate(**self.chat.settings.overrides())
-                    self.turn_think = self.chat.settings.think  # thinking changed: read the message again
-                    return session.stream_edit_last(text, **self.turn_options())
+                try:  # a changed thinking setting reads the message again
+                    return session.stream_regenerate(**self.turn_options())
                 except RuntimeError:  # no turn to go back to
                     pass
             return self._send(None, base, text)
@@ -342,7 +338,6 @@ class ChatApp(App):
         def events(session: ChatSession | None) -> Iterator:
             if session is not None and len(old) == 2 and session.history[self.system_offset :] == base + old:
                 try:
-                    self.turn_think = self.chat.settings.think
                     return session.stream_edit_last(text, **self.turn_options())
                 except RuntimeError:  # no turn to go back to
                     pass
@@ -352,7 +347,6 @@ class ChatApp(App):
 
     def _send(self, session: ChatSession | None, base: list[dict[str, Any]], text: str) -> Iterator:
         """Events of `text` sent after `base` (on the engine thread)."""
-        self.turn_think = self.chat.settings.think
         return self.session_for(base, session).stream(text, **self.turn_options())
 
     async def _drop_messages(self, start: int) -> None:

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 
-from mlxqwen.backends import BACKENDS
+from mlxqwen.generate_cli import add_context_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,12 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", nargs="?", help="a model directory or .gguf file, or a name from mlxqwen list")
     p.add_argument("-c", "--continue", dest="resume", action="store_true", help="reopen the most recent chat")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights",
-    )
+    add_context_options(p)
     p.set_defaults(func=run)
 
 
@@ -35,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from .app import ChatApp
 
     model = resolve_model(args.model) if args.model else None  # an unknown name: one line, before the window
-    app = ChatApp(model, resume=args.resume, loader=functools.partial(mlxqwen.load, backend=args.backend))
+    options = dict(max_context=args.max_context, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
+    app = ChatApp(model, resume=args.resume, loader=functools.partial(mlxqwen.load, backend=args.backend, **options))
     app.run()
     code = app.return_code or 0
     if not app.engine_stopped:

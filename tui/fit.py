@@ -7,12 +7,11 @@ from pathlib import Path
 from mlxqwen import memory
 
 
-def memory_plan(path: Path, context: int = 4096) -> memory.MemoryEstimate:
-    """The estimate for the MLX model in `path` at `context` tokens (4096 is the least
-    `mlxqwen.load` accepts). The model is built lazily, reading no weight; as any MLX work
-    of the app, run it on the engine thread."""
-    from mlxqwen.loader import default_dtype, load_model
+def memory_plan(path: Path, context: int = memory.MIN_CONTEXT) -> memory.MemoryEstimate:
+    """The estimate for the model in `path` (a directory or a GGUF file), on the runtime
+    `mlxqwen.load` would choose, at `context` tokens (at most the model's own). The model is
+    described without reading a weight; as any MLX work of the app, run it on the engine thread."""
+    from mlxqwen.backends import sizing
 
-    model, config = load_model(path, lazy=True)
-    context = min(context, config.max_position_embeddings)
-    return memory.estimate(config, context, weights=memory.weight_bytes(model), dtype=default_dtype())
+    plan = sizing(path)[1]
+    return plan.estimate(min(context, plan.limit))

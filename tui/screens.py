@@ -103,8 +103,6 @@ class ModelPicker(ModalScreen[Path | None]):
     async def estimate_all(self) -> None:
         table = self.table
         for m in self.models:
-            if m.format == "gguf":
-                continue
             try:
                 plan = await self.estimate(m.path)
                 need = f"{format_size(plan.total, binary=True)}/{format_size(plan.budget, binary=True)}"

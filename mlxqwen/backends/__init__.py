@@ -18,13 +18,20 @@ import platform
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+from platformdirs import user_cache_dir
 
+from .. import memory
 from ..checkpoint import gguf_file
-from ..engine import Backend
+from ..config import parse_yarn
 from ..errors import ModelLoadError
 from ..library import resolve_model
+from ..llm import LLM
+from ..memory import memory_budget
+from ..prefix_cache import PrefixCache
+from ..speculative import MAX_DEPTH
 
 BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
@@ -91,8 +98,15 @@ def load(
     backend: str = "auto",
     max_context: int | None = None,
     kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
     check_memory: bool = True,
-) -> Backend:
+    max_concurrent: int = 8,
+    max_queue: int = 64,
+    prefix_cache: int | bool = True,
+    prefix_cache_dir: str | Path | bool | None = None,
+    mtp: bool | str | Path = "auto",
+    mtp_depth: int | None = None,
+) -> LLM:
     """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, a GGUF file, or
     the name of a local model as `mlxqwen list` shows it ("mlxqwen-demo").
 
@@ -104,23 +118,69 @@ def load(
         always maps them).
     max_context: longest conversation in tokens (default: the longest that fits in memory,
         at most the model's own; on llama.cpp, which allocates it up front, at most 32,768).
+        A context past the one the model was trained for is refused unless `rope_scaling`
+        extends it.
     kv_bits: keep the K/V cache in 8 or 4 bits (less memory for long contexts).
+    rope_scaling: extend the context with YaRN as Qwen documents it, e.g.
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}: the
+        model then handles factor x original tokens (original defaults to the model's own).
     check_memory: refuse, before reading any weight, a model and context that would not fit
         in this machine's memory (see `mlxqwen.memory`).
+    max_concurrent: sequences generated together; max_queue: requests waiting beyond those
+        (more are refused with `QueueFullError`).
+    prefix_cache: bytes of memory for model states kept across requests (True: an eighth of
+        what this machine allows, at most 4 GiB; False: none, though chats keep their own).
+    prefix_cache_dir: also keep them on disk, in this directory (True: the user cache
+        directory), so that another process or a restart reuses them.
+    mtp: speculative decoding with the model's multi-token-prediction head (Qwen3.5/3.6/3.8):
+        "auto" when the checkpoint has one, True (an error if not), False, or the path of a
+        head shipped apart. mtp_depth: tokens it guesses per step, 0 to 3 (default: the number
+        that pays, measured as it runs; 0 where guessing costs more than it saves).
     """
+    if mtp_depth is not None and not 0 <= mtp_depth <= MAX_DEPTH:
+        raise ValueError(f"mtp_depth={mtp_depth}: choose 0 to {MAX_DEPTH}")
+    choice = choose(resolve_model(path), backend)
+    options = dict(max_context=max_context, kv_bits=kv_bits, rope_scaling=rope_scaling, check_memory=check_memory)
+    if choice.backend == "llama.cpp":
+        from . import llama_cpp
+
+        # a sequence for each running request, and one to compute next turns' states
+        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, **options)
+    else:
+        from . import mlx
+
+        runtime = mlx.load(choice.path, dtype=dtype, lazy=lazy, mtp=mtp, **options)
+    if prefix_cache is True:
+        prefix_cache = min(4 << 30, memory_budget() // 8)
+    if prefix_cache_dir is True:
+        prefix_cache_dir = Path(user_cache_dir("mlxqwen")) / "prefix-cache"
+    cache = PrefixCache(runtime, int(prefix_cache), Path(prefix_cache_dir) if prefix_cache_dir else None)
+    llm = LLM(runtime, cache, max_concurrent, max_queue, mtp_depth)
+    if choice.note:
+        logger.warning(choice.note)
+    return llm
+
+
+def sizing(
+    path: str | Path,
+    backend: str = "auto",
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+    max_concurrent: int = 8,
+) -> tuple[Choice, memory.Sizing]:
+    """The runtime `load` would choose for the model in `path` (or of that name, as `mlxqwen list`
+    shows it), and the memory policy's view of it there, reading no weight: a GGUF file's header,
+    a checkpoint's tensor headers, or a directory's config.json alone (a model not downloaded yet
+    runs on MLX)."""
+    yarn = parse_yarn(rope_scaling)
     choice = choose(resolve_model(path), backend)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
-        llm = llama_cpp.load(
-            choice.path, dtype=dtype, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-        )
-    else:
-        from . import mlx
+        plan = llama_cpp.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=max_concurrent + 1)
+        return choice, plan
+    from . import mlx
 
-        llm = mlx.load(
-            choice.path, dtype=dtype, lazy=lazy, max_context=max_context, kv_bits=kv_bits, check_memory=check_memory
-        )
-    if choice.note:
-        logger.warning(choice.note)
-    return llm
+    return choice, mlx.sizing(choice.path, dtype=dtype, kv_bits=kv_bits, yarn=yarn)

@@ -1,22 +1,20 @@
-"""The llama.cpp backend: a GGUF model run by llama.cpp (through llama-cpp-python's C API)
+"""The llama.cpp runtime: a GGUF model run by llama.cpp (through llama-cpp-python's C API)
 behind the same engine as MLX, so `generate`, `stream`, `chat`, the CLI and the TUI work
 the same. llama.cpp computes the logits; sampling, stop strings, parsing and stats are the
 engine's. The GGUF's own tokenizer and chat template are used.
 
-One llama.cpp context holds one sequence. Each engine cache (`new_cache`) is a `_Sequence`
-that knows how many tokens llama.cpp holds for it; only the cache in use lives in the
-context. When another cache is used, the previous one's state is copied out to host memory
-and copied back when it is used again (nothing recomputed), so independent generations and
-chats can share the model.
+One llama.cpp context holds every live sequence, each in a sequence slot (`n_seq_max` of
+them), their K/V in one shared pool of `n_ctx` cells; a decode step is one `llama_batch`
+with a token for each sequence. Speculative verification cuts rejected tokens with
+`llama_memory_seq_rm`: for the K/V cache that forgets positions; the Gated DeltaNet layers of
+Qwen3.5/3.6 keep a recurrent state that llama.cpp rolls back only by up to `n_rs_seq` tokens,
+keeping that many per-token copies of it (`rollback`).
 
-Snapshots (a chat's turn boundaries) never recompute either. A K/V cache is cut back to a
-length with `llama_memory_seq_rm`. The Gated DeltaNet layers of Qwen3.5/3.6 keep a
-recurrent state that cannot be cut back: llama.cpp refuses a partial `seq_rm` on them, so
-llama-cpp-python's `Llama` re-reads the whole conversation every turn on these models
-(benchmarks/bench_llama.py counts it). Their snapshot therefore also copies that state out, with
-`llama_state_seq_get_data_ext(..., LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)` (only the recurrent
-part, a fixed size: about 150 MB for Qwen3.6-27B); restoring writes it back, then cuts the
-K/V cache to the snapshot's length."""
+Snapshots copy a sequence's whole state out to host memory (`llama_state_seq_get_data_ext`)
+and back into a slot: nothing is recomputed. llama-cpp-python's own `Llama` cannot cut a
+recurrent state back to a shorter prefix, so it re-reads the whole conversation every turn
+on these models (benchmarks/bench_llama.py counts it); the engine resumes from snapshots
+taken at turn boundaries instead."""
 
 from __future__ import annotations
 
@@ -25,8 +23,8 @@ import logging
 import os
 import resource
 import sys
-import threading
 import weakref
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,27 +36,24 @@ import numpy as np
 from .. import memory
 from ..chat_template import ChatTemplate
 from ..checkpoint import read_json
-from ..engine import Backend, GenerationOptions
-from ..errors import InsufficientMemoryError, ModelLoadError
-from ..sampling import recommended_sampling
+from ..config import Yarn, parse_yarn
+from ..errors import ModelLoadError
+from ..sampling import GenerationOptions, recommended_sampling
 from ..tokenizer import Tokenizer
+from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest
-_WORKING = memory.GiB  # llama.cpp's compute buffers, the logits, the tokenizer, the runtime
-_PARTIAL = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
-_SEQ = 0  # the context's one sequence
 
-# K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`); bytes per value
-_GGML_BF16 = 30
-_KV_TYPES = {mx.float32: llama.GGML_TYPE_F32, mx.float16: llama.GGML_TYPE_F16, mx.bfloat16: _GGML_BF16}
-_KV_BITS = {8: llama.GGML_TYPE_Q8_0, 4: llama.GGML_TYPE_Q4_0}
-_VALUE_BYTES = {
-    llama.GGML_TYPE_F32: 4.0,
-    llama.GGML_TYPE_F16: 2.0,
-    _GGML_BF16: 2.0,
-    llama.GGML_TYPE_Q8_0: 34 / 32,
-    llama.GGML_TYPE_Q4_0: 18 / 32,
+# K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`)
+_KV_TYPES = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16"}
+_KV_BITS = {8: "q8_0", 4: "q4_0"}
+_GGML_TYPES = {
+    "f32": llama.GGML_TYPE_F32,
+    "f16": llama.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16, which llama-cpp-python does not name
+    "q8_0": llama.GGML_TYPE_Q8_0,
+    "q4_0": llama.GGML_TYPE_Q4_0,
 }
 
 _GGML_LOG_ERROR = 4  # ggml's current numbering (llama-cpp-python's own log hook still has the old one)
@@ -121,36 +116,43 @@ class _Vocab:
 
 
 class _Sequence:
-    """The engine's cache on this backend: the number of tokens llama.cpp holds for it, and
-    its state while another cache uses the context."""
-
-    def __init__(self) -> None:
+    def __init__(self, slot: int):
+        self.slot = slot  # llama.cpp's seq_id
         self.length = 0
-        self.parked: ctypes.Array | None = None
 
 
-class LlamaCpp(Backend):
+class LlamaCppRuntime(Runtime):
     """A GGUF model in llama.cpp; see `load`."""
 
     name = "llama.cpp"
+    config = None
 
-    def __init__(self, path: Path, model: Any, ctx: Any, max_context: int, prefill_chunk: int):
+    def __init__(self, path: Path, model: Any, ctx: Any, n_ctx: int, kv_type: int, rollback: int):
         """Takes `model` and `ctx` (its context, from `_new_context`) over: they are freed with it."""
         self.path = path
         self.model = model
         self.ctx = ctx
-        self.batch = llama.llama_batch_init(prefill_chunk, 0, 1)
+        self.slots = llama.llama_n_seq_max(ctx)
+        self.batch = llama.llama_batch_init(max(PREFILL_CHUNK, self.slots * (rollback + 1)), 0, 1)
         self._free = weakref.finalize(self, _free, model, ctx, self.batch)
+        self._free.atexit = False  # the process's end frees it; llama.cpp may be torn down first
         self.memory = llama.llama_get_memory(ctx)
-        self.max_context = max_context
-        self.prefill_chunk = prefill_chunk
-        self.recurrent = llama.llama_model_is_hybrid(model) or llama.llama_model_is_recurrent(model)
-        for i in range(prefill_chunk):
-            self.batch.n_seq_id[i] = 1
-            self.batch.seq_id[i][0] = _SEQ
+        self.max_context = self.kv_capacity = n_ctx
+        self.prefill_chunk = PREFILL_CHUNK
+        recurrent = llama.llama_model_is_hybrid(model) or llama.llama_model_is_recurrent(model)
+        self.trimmable = not recurrent
+        self.rollback = llama.llama_n_rs_seq(ctx) if recurrent else PREFILL_CHUNK
+        self.identity = {
+            "runtime": self.name,
+            "model": str(path.resolve()),
+            "weights": (path.stat().st_size, path.stat().st_mtime_ns),
+            "kv_type": kv_type,
+        }
+        self._free_slots = list(range(self.slots - 1, -1, -1))
+        self._fed = 0  # tokens per sequence of the last verify
 
         vocab = _Vocab(llama.llama_model_get_vocab(model))
-        self.n_vocab = vocab.vocab_size
+        self.vocab_size = vocab.vocab_size
         tokens = {
             "bos_token": vocab.id_to_token(llama.llama_vocab_bos(vocab.vocab)),
             "eos_token": vocab.id_to_token(llama.llama_vocab_eos(vocab.vocab)),
@@ -163,50 +165,78 @@ class LlamaCpp(Backend):
             ChatTemplate(template.decode(), tokens) if template else None,
         )
         self.defaults = GenerationOptions(**_sampling(model, path))
-        self._lock = threading.Lock()  # one context: calls from several threads take turns
-        self._owner: weakref.ref[_Sequence] | None = None
 
     def close(self) -> None:
-        """Free the model and its context now, between generations (else when it is collected)."""
+        """Free the model and its context now (else when it is collected)."""
         self._free()
 
-    # --- the engine's token-level interface -----------------------------------------
+    # --- the runtime interface ------------------------------------------------------
 
-    def new_cache(self) -> _Sequence:
-        return _Sequence()
+    def new_sequence(self) -> _Sequence:
+        if not self._free_slots:
+            raise RuntimeError(f"all {self.slots} llama.cpp sequence slots are in use")
+        return _Sequence(self._free_slots.pop())
 
-    def prefill(self, cache: _Sequence, tokens: list[int]) -> None:
-        with self._lock:
-            self._use(cache)
-            for i in range(0, len(tokens), self.prefill_chunk):
-                self._decode(cache, tokens[i : i + self.prefill_chunk], logits=False)
+    def release(self, seq: _Sequence) -> None:
+        llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        self._free_slots.append(seq.slot)
 
-    def forward(self, cache: _Sequence, tokens: mx.array) -> mx.array:
-        ids = tokens.tolist()  # waits for the engine's draw of the token
-        with self._lock:
-            self._use(cache)
-            self._decode(cache, ids, logits=True)
-            logits = llama.llama_get_logits_ith(self.ctx, -1)
-            return mx.array(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)))  # copied before the next decode
+    def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        self._decode([(seq, tokens)], logits=False)
 
-    def snapshot(self, cache: _Sequence) -> tuple[int, ctypes.Array | None]:
-        with self._lock:
-            self._use(cache)
-            recurrent = self._state(_PARTIAL) if self.recurrent and cache.length else None
-            return cache.length, recurrent
+    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        ids = tokens.tolist()  # waits for the engine's draws
+        return self._decode([(seq, [t]) for seq, t in zip(seqs, ids, strict=True)], logits=True)[:, 0]
 
-    def restore(self, cache: _Sequence, snapshot: tuple[int, ctypes.Array | None]) -> None:
-        length, recurrent = snapshot
-        with self._lock:
-            self._use(cache)
-            if recurrent is not None:
-                self._set_state(recurrent, _PARTIAL)
-            # with the recurrent state back at `length`, only K/V past it are left to remove
-            if not llama.llama_memory_seq_rm(self.memory, _SEQ, length, -1):
-                raise RuntimeError(f"llama.cpp could not cut the cache back to {length} tokens")
-            cache.length = length
+    def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        self._fed = tokens.shape[1]
+        if self._fed - 1 > self.rollback:
+            raise ValueError(
+                f"llama.cpp keeps {self.rollback} recurrent states to go back to, fewer than {self._fed - 1}"
+            )
+        return self._decode(list(zip(seqs, tokens.tolist(), strict=True)), logits=True)
 
-    def settle(self, cache: _Sequence) -> None:
+    def commit(self, seqs: Sequence[_Sequence], accepted: Sequence[int]) -> None:
+        for seq, n in zip(seqs, accepted, strict=True):
+            if n < self._fed:
+                seq.length -= self._fed - n
+                if not llama.llama_memory_seq_rm(self.memory, seq.slot, seq.length, -1):
+                    raise RuntimeError(f"llama.cpp could not cut a sequence back to {seq.length} tokens")
+
+    def snapshot(self, seq: _Sequence) -> tuple[bytes, int]:
+        size = llama.llama_state_seq_get_size_ext(self.ctx, seq.slot, 0)
+        data = (ctypes.c_uint8 * size)()
+        if llama.llama_state_seq_get_data_ext(self.ctx, data, size, seq.slot, 0) != size:
+            raise RuntimeError("llama.cpp could not copy a sequence's state")
+        return bytes(data), seq.length
+
+    def restore(self, seq: _Sequence, snapshot: tuple[bytes, int], length: int) -> None:
+        data, _ = snapshot
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama.llama_state_seq_set_data_ext(self.ctx, buffer, len(data), seq.slot, 0) != len(data):
+            llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            raise ValueError("llama.cpp refused a saved state")
+        if not llama.llama_memory_seq_rm(self.memory, seq.slot, length, -1):
+            raise RuntimeError(f"llama.cpp could not cut a sequence back to {length} tokens")
+        seq.length = length
+
+    def snapshot_bytes(self, snapshot: tuple[bytes, int]) -> int:
+        return len(snapshot[0])
+
+    def save(self, snapshot: tuple[bytes, int]) -> dict[str, mx.array]:
+        data, length = snapshot
+        return {"state": mx.array(np.frombuffer(data, np.uint8)), "length": mx.array(length)}
+
+    def load(self, arrays: dict[str, mx.array]) -> tuple[bytes, int]:
+        try:
+            state, length = arrays["state"], int(arrays["length"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a llama.cpp state ({e})") from None
+        if state.dtype != mx.uint8 or state.ndim != 1 or len(arrays) != 2:
+            raise ValueError("not a llama.cpp state")
+        return bytes(memoryview(np.array(state))), length
+
+    def settle(self) -> None:
         pass  # llama.cpp's calls return when their work is done
 
     def peak_memory(self) -> int:
@@ -216,42 +246,30 @@ class LlamaCpp(Backend):
 
     # --- the context ------------------------------------------------------------------
 
-    def _use(self, cache: _Sequence) -> None:
-        """Make `cache` the sequence in the context, parking the one that was there."""
-        owner = self._owner() if self._owner is not None else None
-        if owner is cache:
-            return
-        if owner is not None and owner.length:
-            owner.parked = self._state(0)
-        llama.llama_memory_clear(self.memory, False)
-        if cache.parked is not None:
-            self._set_state(cache.parked, 0)
-            cache.parked = None
-        self._owner = weakref.ref(cache)
-
-    def _decode(self, cache: _Sequence, tokens: list[int], logits: bool) -> None:
-        batch = self.batch
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = cache.length + i
-            batch.logits[i] = False
-        batch.logits[len(tokens) - 1] = logits
+    def _decode(self, feeds: list[tuple[_Sequence, list[int]]], logits: bool) -> mx.array | None:
+        """Evaluate each sequence's tokens in one batch; with `logits`, those after every token
+        [B, T, vocab] (all sequences feed the same number T)."""
+        batch, i = self.batch, 0
+        for seq, tokens in feeds:
+            for j, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = seq.length + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq.slot
+                batch.logits[i] = logits
+                i += 1
+        batch.n_tokens = i
         code = llama.llama_decode(self.ctx, batch)
         if code != 0:
-            raise RuntimeError(f"llama.cpp could not evaluate {len(tokens)} tokens (llama_decode returned {code})")
-        cache.length += len(tokens)
-
-    def _state(self, flags: int) -> ctypes.Array:
-        size = llama.llama_state_seq_get_size_ext(self.ctx, _SEQ, flags)
-        data = (ctypes.c_uint8 * size)()
-        if llama.llama_state_seq_get_data_ext(self.ctx, data, size, _SEQ, flags) != size:
-            raise RuntimeError("llama.cpp could not copy the sequence's state")
-        return data
-
-    def _set_state(self, data: ctypes.Array, flags: int) -> None:
-        if llama.llama_state_seq_set_data_ext(self.ctx, data, len(data), _SEQ, flags) != len(data):
-            raise RuntimeError("llama.cpp could not restore the sequence's state")
+            raise RuntimeError(f"llama.cpp could not evaluate {i} tokens (llama_decode returned {code})")
+        for seq, tokens in feeds:
+            seq.length += len(tokens)
+        if not logits:
+            return None
+        out = np.empty((i, self.vocab_size), np.float32)
+        for row in range(i):  # copied before the next decode overwrites them
+            out[row] = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.vocab_size,))
+        return mx.array(out.reshape(len(feeds), -1, self.vocab_size))
 
 
 def _reason() -> str:
@@ -291,46 +309,41 @@ def _sampling(model: Any, path: Path) -> dict[str, Any]:
     return values or recommended_sampling(read_json(path.parent / "generation_config.json"))
 
 
-def _kv_bytes_per_token(model: Any, kv_type: int) -> float:
-    arch = _meta(model, "general.architecture")
-    layers = llama.llama_model_n_layer(model)
-    if llama.llama_model_is_hybrid(model):  # Qwen3.5/3.6: one full-attention layer in 4
-        layers //= int(_meta(model, f"{arch}.full_attention_interval") or 4)
-    head = llama.llama_model_n_embd(model) // llama.llama_model_n_head(model)
-    k = int(_meta(model, f"{arch}.attention.key_length") or head)
-    v = int(_meta(model, f"{arch}.attention.value_length") or head)
-    return layers * llama.llama_model_n_head_kv(model) * (k + v) * _VALUE_BYTES[kv_type]
+def kv_cache_type(dtype: mx.Dtype | None = None, kv_bits: int | None = None) -> str:
+    """llama.cpp's K/V cache type for `load`'s dtype and kv_bits (default f16, llama.cpp's)."""
+    if kv_bits is not None and kv_bits not in _KV_BITS:
+        raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
+    if dtype is not None and dtype not in _KV_TYPES:
+        raise ValueError(f"dtype={dtype}: llama.cpp's K/V cache takes float32, float16 or bfloat16")
+    return _KV_BITS[kv_bits] if kv_bits else _KV_TYPES[dtype or mx.float16]
 
 
-def _estimate(model: Any, context: int, kv_type: int) -> memory.MemoryEstimate:
-    return memory.MemoryEstimate(
-        context=context,
-        weights=llama.llama_model_size(model),
-        kv_cache=int(-(-context // 256) * 256 * _kv_bytes_per_token(model, kv_type)),
-        recurrent_state=0,  # within the working allowance (Qwen3.6-27B's: about 150 MB)
-        working=_WORKING,
-        budget=memory.memory_budget(),
+def _outputs(n_seq_max: int, rollback: int) -> int:
+    """Logits one llama_decode call gives: every position of a verify over all sequences. llama.cpp
+    sizes its compute and output buffers for this many (n_outputs_max) and aborts on more."""
+    return n_seq_max * (rollback + 1)
+
+
+def sizing(
+    path: Path,
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    yarn: Yarn | None = None,
+    n_seq_max: int = 1,
+    rollback: int = 0,
+) -> memory.Sizing:
+    """The memory policy's view of a GGUF model as `load` runs it, from the file's header."""
+    return memory.llama_sizing(
+        memory.GGUFModel.read(path),
+        yarn=yarn,
+        kv_type=kv_cache_type(dtype, kv_bits),
+        n_seq_max=n_seq_max,
+        kv_unified=True,
+        n_batch=PREFILL_CHUNK,
+        n_ubatch=PREFILL_CHUNK,
+        n_outputs=_outputs(n_seq_max, rollback),
     )
-
-
-def _context(model: Any, path: Path, max_context: int | None, kv_type: int, check_memory: bool) -> int:
-    """The context to allocate: `max_context`, checked; by default the model's own, at most
-    DEFAULT_CONTEXT, and no more than fits in memory."""
-    trained = llama.llama_model_n_ctx_train(model)
-    if max_context is not None:
-        plan = _estimate(model, max_context, kv_type)
-        if check_memory and not plan.fits:
-            raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}")
-        return max_context
-    context = min(trained, DEFAULT_CONTEXT)
-    if not check_memory:
-        return context
-    plan = _estimate(model, 0, kv_type)
-    fits = int((plan.budget - plan.total) / _kv_bytes_per_token(model, kv_type)) // 256 * 256
-    if fits < min(4096, context):
-        plan = _estimate(model, min(4096, context), kv_type)
-        raise InsufficientMemoryError(f"{path}: {plan.verdict}; use a smaller or more quantized model")
-    return min(context, fits)
 
 
 def load(
@@ -341,41 +354,49 @@ def load(
     kv_bits: int | None = None,
     check_memory: bool = True,
     n_threads: int | None = None,
-) -> LlamaCpp:
+    rope_scaling: dict[str, Any] | None = None,
+    n_seq_max: int = 1,
+    rollback: int = 0,
+) -> LlamaCppRuntime:
     """Load a GGUF model into llama.cpp (layers on the GPU where llama.cpp was built for one).
 
     dtype: the K/V cache's type (default float16, llama.cpp's). kv_bits: a K/V cache in
-    8-bit (Q8_0) or 4-bit (Q4_0) blocks instead. max_context: tokens of context to allocate
-    (default: the model's own, at most DEFAULT_CONTEXT, no more than fits in memory).
-    n_threads: CPU threads (default: `default_threads`)."""
+    8-bit (Q8_0) or 4-bit (Q4_0) blocks instead. max_context: tokens of context to allocate,
+    shared by all sequences (default: the model's own, at most DEFAULT_CONTEXT, no more than
+    fits in memory; checked against memory before llama.cpp reads the model). rope_scaling:
+    YaRN context extension (see `mlxqwen.load`). n_threads: CPU threads (default:
+    `default_threads`). n_seq_max: sequences at once. rollback: recurrent states kept per
+    sequence to undo that many tokens (speculative decoding on Qwen3.5/3.6)."""
     path = Path(path).expanduser()
-    if kv_bits is not None and kv_bits not in _KV_BITS:
-        raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
-    if dtype is not None and dtype not in _KV_TYPES:
-        raise ValueError(f"dtype={dtype}: llama.cpp's K/V cache takes float32, float16 or bfloat16")
-    kv_type = _KV_BITS[kv_bits] if kv_bits else _KV_TYPES[dtype or mx.float16]
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file")
+    yarn, kv_type = parse_yarn(rope_scaling), kv_cache_type(dtype, kv_bits)
+    plan = sizing(path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=n_seq_max, rollback=rollback)
+    context = memory.choose_context(
+        plan, requested=max_context, default_cap=DEFAULT_CONTEXT, check_memory=check_memory, where=str(path)
+    )
     _errors.clear()
     model = llama.llama_model_load_from_file(str(path).encode(), model_params())
     if not model:
         raise ModelLoadError(f"{path}: llama.cpp cannot load this model ({_reason()})")
+    rope = (yarn.factor, plan.trained) if yarn else None
     try:
-        context = _context(model, path, max_context, kv_type, check_memory)
         _errors.clear()
-        ctx = _new_context(model, context, kv_type, n_threads, PREFILL_CHUNK)
+        ctx = _new_context(model, context, kv_type, n_threads, rope, n_seq_max, rollback)
     except BaseException:
         llama.llama_model_free(model)
         raise
     if not ctx:
         llama.llama_model_free(model)
         raise ModelLoadError(f"{path}: llama.cpp could not make a context of {context} tokens ({_reason()})")
-    return LlamaCpp(path, model, ctx, context, PREFILL_CHUNK)
+    runtime = LlamaCppRuntime(path, model, ctx, context, kv_type, rollback)
+    template = runtime.tokenizer.chat_template
+    if template is not None:
+        template.origin = f"{path} (tokenizer.chat_template)"
+        try:
+            template.check()
+        except ModelLoadError:
+            runtime.close()
+            raise
+    return runtime
 
 
 def model_params() -> Any:
@@ -393,15 +414,32 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
-def _new_context(model: Any, n_ctx: int, kv_type: int, n_threads: int | None, n_batch: int) -> Any:
+def _new_context(
+    model: Any,
+    n_ctx: int,
+    kv_type: str,
+    n_threads: int | None,
+    yarn: tuple[float, int] | None,
+    n_seq_max: int,
+    rollback: int,
+) -> Any:
+    """A context as `sizing` describes it. yarn: (factor, trained context) of YaRN rope scaling."""
     params = llama.llama_context_default_params()
     params.n_ctx = n_ctx
-    params.n_batch = params.n_ubatch = n_batch
-    params.n_seq_max = 1
+    params.n_batch = params.n_ubatch = PREFILL_CHUNK
+    params.n_seq_max = n_seq_max
+    params.n_outputs_max = _outputs(n_seq_max, rollback)
+    params.n_rs_seq = rollback
+    params.kv_unified = True  # one pool of n_ctx cells: any sequence may grow to all of it
     params.n_threads = params.n_threads_batch = n_threads or default_threads()
-    params.type_k = params.type_v = kv_type
+    params.type_k = params.type_v = _GGML_TYPES[kv_type]
     # llama.cpp's flash attention computes in float16 on a CPU: a float32 cache asks for float32 attention
-    f32 = kv_type == llama.GGML_TYPE_F32
+    f32 = kv_type == "f32"
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED if f32 else llama.LLAMA_FLASH_ATTN_TYPE_AUTO
+    if yarn is not None:
+        factor, trained = yarn
+        params.rope_scaling_type = llama.LLAMA_ROPE_SCALING_TYPE_YARN
+        params.rope_freq_scale = 1 / factor
+        params.yarn_orig_ctx = trained
     params.no_perf = False  # keeps llama.cpp's counts of evaluated tokens (llama_perf_context)
     return llama.llama_init_from_model(model, params)

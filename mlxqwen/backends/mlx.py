@@ -1,9 +1,19 @@
-"""The MLX backend: an MLX model with its tokenizer and config. The model and its cache stay
-usable directly: `llm.model(tokens, cache=llm.new_cache())`."""
+"""The MLX runtime: a Qwen model in MLX with its tokenizer and config.
+
+Each sequence owns its per-layer caches. A batch decodes in one forward: the Gated DeltaNet
+states of its sequences are stacked into one cache per layer while the batch stays the same
+(stacked when it changes, written back to the sequences when it does), and attention reads
+each sequence's own K/V (see `mlxqwen.cache`). One sequence alone runs on its own caches.
+
+With the model's MTP head (`model.mtp`), each sequence also keeps the head's K/V cache, whose
+entry t is the pair (hidden state t, token t+1). Every forward pass yields such pairs; the head
+reads them when it next drafts (in one pass), and at once while a prompt is read, so that what
+waits stays small."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,64 +21,309 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import memory
-from ..cache import KVCache, QuantizedKVCache
-from ..checkpoint import read_json
-from ..config import ModelConfig
-from ..engine import Backend, GenerationOptions
-from ..errors import InsufficientMemoryError
-from ..loader import default_dtype, load_model
-from ..sampling import recommended_sampling
+from ..cache import KVBatch, KVCache, LinearAttentionCache, QuantizedKVCache
+from ..checkpoint import has_weights, read_json
+from ..config import ModelConfig, Yarn, parse_yarn
+from ..loader import default_dtype, load_model, model_from_config
+from ..sampling import GenerationOptions, recommended_sampling
 from ..tokenizer import Tokenizer
+from .runtime import Runtime
+
+_MOST_WAITING = 64  # pairs the MTP head may have yet to read before it reads them anyway
 
 
 @dataclass
-class LLM(Backend):
+class _Snapshot:
+    layers: list[Any]  # each layer cache's snapshot
+    length: int
+    head: tuple | None = None  # the MTP head's K/V
+    last_hidden: mx.array | None = None
+
+
+class _Sequence:
+    def __init__(self, caches: list[Any], head: bool):
+        self.caches = caches
+        self.length = 0
+        # the MTP head's state: its K/V, the pairs it has yet to read, the last hidden state (its token to come)
+        self.head_cache = KVCache() if head else None
+        self.waiting: list[tuple[mx.array, mx.array]] = []  # (hidden [1, n, H], tokens [n])
+        self.last_hidden: mx.array | None = None  # [1, 1, H]
+
+
+class MLXRuntime(Runtime):
     name = "MLX"
 
-    model: nn.Module
-    tokenizer: Tokenizer
-    config: ModelConfig
-    path: Path
-    defaults: GenerationOptions = field(default_factory=GenerationOptions)
-    max_context: int = 0  # 0: the model's max_position_embeddings
-    kv_bits: int | None = None  # store K/V in 8 or 4 bits
-    kv_group_size: int = 64
-
-    def __post_init__(self) -> None:
-        self.max_context = self.max_context or self.config.max_position_embeddings
-        if self.kv_bits is not None:
-            if self.kv_bits not in (4, 8):
-                raise ValueError(f"kv_bits={self.kv_bits}: K/V quantization takes 4 or 8 bits")
-            if self.config.head_dim % self.kv_group_size:
-                raise ValueError(
-                    f"kv_bits: head_dim {self.config.head_dim} is not a multiple of the group size {self.kv_group_size}"
-                )
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        path: Path,
+        defaults: GenerationOptions,
+        max_context: int,
+        kv_capacity: int,
+        dtype: mx.Dtype,
+        kv_bits: int | None = None,
+    ):
+        if kv_bits is not None and kv_bits not in (4, 8):
+            raise ValueError(f"kv_bits={kv_bits}: K/V quantization takes 4 or 8 bits")
+        kv_group_size = memory.kv_group_size(config.head_dim) if kv_bits else 64  # as the memory estimate counts
+        self.model, self.tokenizer, self.config, self.path = model, tokenizer, config, path
+        self.defaults, self.max_context, self.kv_capacity = defaults, max_context, kv_capacity
+        self.vocab_size = config.vocab_size
+        self.kv_bits, self.kv_group_size, self.dtype = kv_bits, kv_group_size, dtype
+        self.trimmable = not any(layer.is_linear for layer in model.layers)
+        self.mtp = "mtp" in model
+        self.identity = {
+            "runtime": self.name,
+            "model": str(path.resolve()),
+            "weights": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")),
+            "dtype": str(dtype),
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
+        }
+        self._batch: list[_Sequence] = []  # the sequences whose Gated DeltaNet state lives in _batch_caches
+        self._batch_caches: list[Any] = []
+        self._fed = 0  # tokens per sequence of the last verify
 
     def new_cache(self) -> list[Any]:
+        """Per-layer caches for one sequence, for calling `model` directly."""
         cache = self.model.make_cache()
         if self.kv_bits is None:
             return cache
         return [QuantizedKVCache(self.kv_bits, self.kv_group_size) if type(c) is KVCache else c for c in cache]
 
-    def prefill(self, cache: list[Any], tokens: list[int]) -> None:
+    # --- the runtime interface ------------------------------------------------------
+
+    def new_sequence(self) -> _Sequence:
+        return _Sequence(self.new_cache(), self.mtp)
+
+    def release(self, seq: _Sequence) -> None:
+        if seq in self._batch:
+            self._unbatch()
+
+    def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        if seq in self._batch:
+            self._unbatch()
         # Only the cache is evaluated: the lm_head over the chunk is never computed.
-        self.model(mx.array([tokens]), cache=cache)
-        mx.eval([c.state for c in cache])
+        ids = mx.array([tokens])
+        hidden = self.model.hidden(ids, cache=seq.caches)
+        state = [c.state for c in seq.caches]
+        if self.mtp:
+            self._pairs(seq, hidden, ids[0])
+            self._read_pairs([seq])
+            state += [seq.head_cache.state, seq.last_hidden]
+        mx.eval(state)
         mx.clear_cache()
+        seq.length += len(tokens)
 
-    def settle(self, cache: list[Any]) -> None:
-        # Lazy cache arrays belong to this thread's stream; evaluate them before another thread reads them.
-        mx.eval([c.state for c in cache])
+    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        hidden = self.model.hidden(tokens[:, None], cache=self._caches(seqs))
+        for i, seq in enumerate(seqs):
+            seq.length += 1
+            if self.mtp:
+                self._pairs(seq, hidden[i : i + 1], tokens[i : i + 1])
+        if self.mtp and max(len(s.waiting) for s in seqs) >= _MOST_WAITING:
+            self._read_pairs(seqs)
+        return self.model.head(hidden[:, -1])
 
-    def forward(self, cache: list[Any], tokens: mx.array) -> mx.array:
-        return self.model(tokens[None], cache=cache)[0, -1]
+    def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        caches = self._caches(seqs)
+        linear = [c for c in caches if isinstance(c, LinearAttentionCache)]
+        for c in linear:
+            c.keep_steps = True
+        try:
+            hidden = self.model.hidden(tokens, cache=caches)
+        finally:
+            for c in linear:
+                c.keep_steps = False
+        self._fed = tokens.shape[1]
+        self._verified = (hidden, tokens)
+        for seq in seqs:
+            seq.length += self._fed
+        return self.model.head(hidden)
 
-    def snapshot(self, cache: list[Any]) -> list[Any]:
-        return [c.snapshot() for c in cache]
+    def commit(self, seqs: Sequence[_Sequence], accepted: Sequence[int]) -> None:
+        for c in self._caches(seqs):
+            if isinstance(c, LinearAttentionCache):
+                c.commit(self._fed, accepted)
+            else:
+                for kv, n in zip(c if isinstance(c, KVBatch) else [c], accepted, strict=True):
+                    kv.commit(self._fed, n)
+        hidden, tokens = self._verified
+        for i, (seq, n) in enumerate(zip(seqs, accepted, strict=True)):
+            seq.length -= self._fed - n
+            if self.mtp:
+                self._pairs(seq, hidden[i : i + 1, :n], tokens[i, :n])
 
-    def restore(self, cache: list[Any], snapshot: list[Any]) -> None:
-        for c, s in zip(cache, snapshot, strict=True):
-            c.restore(s)
+    def draft(self, seqs: Sequence[_Sequence], tokens: mx.array, depth: int, pick) -> mx.array:
+        for i, seq in enumerate(seqs):  # the next token completes the last pair; the head reads it now
+            self._pairs(seq, None, tokens[i : i + 1])
+        out = self._read_pairs(seqs, always=True)  # [B, 1, H]: the head's output at each sequence's last pair
+        head_caches = self._head_caches(seqs)
+        guesses = []
+        for step in range(depth):
+            guesses.append(pick(self.model.head(out[:, -1])))
+            if step + 1 < depth:  # chained: the head's output stands in for the model's hidden state
+                out = self.model.mtp(out, self.model.embed(guesses[-1][:, None]), head_caches)
+        for seq in seqs:  # the chained entries were guesses: the head keeps only true pairs
+            seq.head_cache.commit(depth - 1, 0)
+        return mx.stack(guesses, axis=1)
+
+    def _pairs(self, seq: _Sequence, hidden: mx.array | None, tokens: mx.array) -> None:
+        """Record a forward pass of `tokens` (a 1-D array) that gave `hidden` [1, T, H] (None: not fed
+        yet): each token completes the pair of the hidden state before it."""
+        before = seq.last_hidden
+        if hidden is not None:
+            seq.last_hidden = hidden[:, -1:]
+            hidden = hidden[:, :-1]
+        else:
+            seq.last_hidden = None  # the next pass's first token has no pair: its pair is read now
+        if before is not None:
+            hidden = before if hidden is None or hidden.shape[1] == 0 else mx.concatenate([before, hidden], axis=1)
+        elif tokens.size:
+            tokens = tokens[1:]  # the first token of a sequence follows no hidden state
+        if tokens.size:
+            seq.waiting.append((hidden, tokens))
+
+    def _read_pairs(self, seqs: Sequence[_Sequence], always: bool = False) -> mx.array | None:
+        """Let the head read every waiting pair, in one pass over the batch (rows padded to the
+        longest, the padding dropped from its cache after). Returns its output at each row's last pair
+        (`always`: even when none waits; such a row's output guesses blindly)."""
+        counts = [sum(t.size for _, t in seq.waiting) for seq in seqs]
+        width = max(counts + [int(always)])
+        if not width:
+            return None
+        hidden, tokens = [], []
+        blank = (mx.zeros((1, 1, self.config.hidden_size), self.dtype), mx.array([0]))
+        for seq in seqs:
+            pairs = seq.waiting or [blank]  # a row with nothing to read still needs a row (its guesses fail)
+            h = mx.concatenate([h for h, _ in pairs], axis=1)
+            t = mx.concatenate([t for _, t in pairs])
+            pad = width - h.shape[1]  # repeat the last pair: read, then cut from the cache
+            hidden.append(mx.concatenate([h] + [h[:, -1:]] * pad, axis=1) if pad else h)
+            tokens.append(mx.concatenate([t] + [t[-1:]] * pad) if pad else t)
+            seq.waiting = []
+        out = self.model.mtp(mx.concatenate(hidden), self.model.embed(mx.stack(tokens)), self._head_caches(seqs))
+        for seq, n in zip(seqs, counts, strict=True):
+            seq.head_cache.commit(width, n)
+        rows = mx.arange(len(seqs))
+        return out[rows, mx.maximum(mx.array(counts) - 1, 0)][:, None]
+
+    def _head_caches(self, seqs: Sequence[_Sequence]) -> Any:
+        return seqs[0].head_cache if len(seqs) == 1 else KVBatch(s.head_cache for s in seqs)
+
+    def snapshot(self, seq: _Sequence) -> _Snapshot:
+        if seq in self._batch:
+            self._unbatch()
+        snapshot = _Snapshot([c.snapshot() for c in seq.caches], seq.length)
+        if self.mtp:
+            self._read_pairs([seq])
+            snapshot.head, snapshot.last_hidden = seq.head_cache.snapshot(), seq.last_hidden
+        return snapshot
+
+    def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
+        for c, state in zip(seq.caches, snapshot.layers, strict=True):
+            c.restore(state)
+            if isinstance(c, KVCache):
+                c.offset = length
+        seq.length = length
+        if self.mtp and snapshot.head is not None:
+            seq.head_cache.restore(snapshot.head)
+            seq.head_cache.offset = min(seq.head_cache.offset, length - 1)
+            # cut back, the hidden state before the next token is unknown: that one pair is skipped
+            seq.last_hidden = snapshot.last_hidden if length == snapshot.length else None
+
+    def snapshot_bytes(self, snapshot: _Snapshot) -> int:
+        return sum(a.nbytes for a in self.save(snapshot).values())
+
+    def save(self, snapshot: _Snapshot) -> dict[str, mx.array]:
+        arrays = {"length": mx.array(snapshot.length)}
+        for i, state in enumerate(snapshot.layers):
+            for j, a in enumerate(_arrays(state)):
+                arrays[f"{i}.{j}"] = a
+        if snapshot.head is not None:
+            arrays.update({f"head.{j}": a for j, a in enumerate(_arrays(snapshot.head))})
+        if snapshot.last_hidden is not None:
+            arrays["head.hidden"] = snapshot.last_hidden
+        return arrays
+
+    def load(self, arrays: dict[str, mx.array]) -> _Snapshot:
+        arrays = dict(arrays)
+        try:
+            snapshot = _Snapshot([], int(arrays.pop("length")))
+            for i, c in enumerate(self.new_sequence().caches):
+                parts = []
+                while f"{i}.{len(parts)}" in arrays:
+                    parts.append(arrays.pop(f"{i}.{len(parts)}"))
+                snapshot.layers.append(_state(c, parts, snapshot.length, self.config))
+            if self.mtp and "head.0" in arrays:
+                keys, values = arrays.pop("head.0"), arrays.pop("head.1")
+                snapshot.head = (keys, values, keys.shape[2])
+                snapshot.last_hidden = arrays.pop("head.hidden", None)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"a snapshot that does not fit this model ({e})") from None
+        if arrays:
+            raise ValueError(f"a snapshot with arrays this model does not have ({', '.join(arrays)})")
+        return snapshot
+
+    def settle(self) -> None:
+        self._unbatch()
+
+    def close(self) -> None:
+        pass  # MLX frees arrays as soon as nothing references them
+
+    # --- batches ----------------------------------------------------------------------
+
+    def _caches(self, seqs: Sequence[_Sequence]) -> list[Any]:
+        """The per-layer caches that run `seqs` together, in order."""
+        if self._batch == list(seqs):
+            return self._batch_caches
+        self._unbatch()
+        if len(seqs) == 1:
+            return seqs[0].caches
+        self._batch = list(seqs)
+        self._batch_caches = [
+            LinearAttentionCache.stack(group) if isinstance(group[0], LinearAttentionCache) else KVBatch(group)
+            for group in zip(*(s.caches for s in seqs), strict=True)
+        ]
+        return self._batch_caches
+
+    def _unbatch(self) -> None:
+        """Give the batch's sequences their own Gated DeltaNet state back."""
+        for i, c in enumerate(self._batch_caches):
+            if isinstance(c, LinearAttentionCache):
+                for row, seq in enumerate(self._batch):
+                    seq.caches[i].restore(c.row(row))
+        self._batch, self._batch_caches = [], []
+
+
+def _arrays(state: tuple) -> list[mx.array]:
+    """The arrays of one layer's snapshot (K/V: keys then values, each possibly quantized parts)."""
+    out = []
+    for part in state:
+        if isinstance(part, mx.array):
+            out.append(part)
+        elif isinstance(part, tuple):
+            out.extend(part)
+    return out
+
+
+def _state(cache: Any, parts: list[mx.array], length: int, cfg: ModelConfig) -> tuple:
+    """One layer's snapshot from its saved arrays, checked against the layer."""
+    if isinstance(cache, LinearAttentionCache):
+        if len(parts) != 2 or parts[1].dtype != mx.float32 or parts[0].ndim != 3 or parts[1].ndim != 4:
+            raise ValueError("Gated DeltaNet state")
+        return tuple(parts)
+    per_side = 3 if isinstance(cache, QuantizedKVCache) else 1
+    if len(parts) != 2 * per_side:
+        raise ValueError("K/V arrays")
+    for p in parts:
+        if p.ndim != 4 or p.shape[:3] != (1, cfg.num_key_value_heads, length):
+            raise ValueError(f"K/V of shape {p.shape}")
+    if per_side == 1:
+        return parts[0], parts[1], length
+    return tuple(parts[:3]), tuple(parts[3:]), length
 
 
 def load(
@@ -79,25 +334,41 @@ def load(
     max_context: int | None = None,
     kv_bits: int | None = None,
     check_memory: bool = True,
-) -> LLM:
+    rope_scaling: dict[str, Any] | None = None,
+    mtp: bool | str | Path = "auto",
+) -> MLXRuntime:
     """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True)
+    model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp)
     generation_config = read_json(path / "generation_config.json")
     tokenizer = Tokenizer.from_dir(path, generation_config)
-    sizing: dict[str, Any] = dict(weights=memory.weight_bytes(model), dtype=dtype or default_dtype(), kv_bits=kv_bits)
-    if max_context is None:
-        max_context = memory.largest_context(config, **sizing)
-        if check_memory and max_context < min(4096, config.max_position_embeddings):
-            plan = memory.estimate(config, min(4096, config.max_position_embeddings), **sizing)
-            raise InsufficientMemoryError(f"{path}: {plan.verdict}; use a smaller or more quantized model")
-        max_context = max_context or config.max_position_embeddings
-    elif check_memory:
-        plan = memory.estimate(config, max_context, **sizing)
-        if not plan.fits:
-            fits = memory.largest_context(config, **sizing)
-            hint = f"max_context={fits} fits" if fits else "use a smaller or more quantized model"
-            raise InsufficientMemoryError(f"{path}: at max_context={max_context} the model {plan.verdict}; {hint}")
+    dtype = dtype or default_dtype()
+    plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+    max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
     if not lazy:
         mx.eval(model.parameters())
     defaults = GenerationOptions(**recommended_sampling(generation_config))
-    return LLM(model, tokenizer, config, path, defaults, max_context, kv_bits)
+    # the requests running together share the K/V that the longest conversation that fits would hold
+    capacity = max(memory.largest_context(plan), max_context) if check_memory else 1 << 40
+    return MLXRuntime(model, tokenizer, config, path, defaults, max_context, capacity, dtype, kv_bits)
+
+
+def model_sizing(
+    model: nn.Module, config: ModelConfig, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None
+) -> memory.Sizing:
+    """The memory policy's view of a model (built lazily, weights not read) as `load` runs it."""
+    weights, dtype = memory.weight_bytes(model), dtype or default_dtype()
+    return memory.mlx_sizing(
+        config, weights=weights, dtype=dtype, kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk
+    )
+
+
+def sizing(
+    path: Path, *, dtype: mx.Dtype | None = None, kv_bits: int | None = None, yarn: Yarn | None = None
+) -> memory.Sizing:
+    """The memory policy's view of the model in `path` as `load` runs it, reading no weight: from
+    the checkpoint's tensor headers, or from config.json alone when the weights are not there yet."""
+    if has_weights(path):
+        model, config = load_model(path, dtype=dtype, lazy=True, yarn=yarn)
+    else:
+        model, config = model_from_config(path, dtype=dtype, yarn=yarn)
+    return model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)

@@ -1,13 +1,15 @@
 """Grouped-query attention for the whole family: optional q/k/v bias (Qwen2), q/k RMSNorm
 (Qwen3 and later) and the sigmoid output gate of Qwen3.5's full-attention layers.
 K/V are cached once per KV head; scaled_dot_product_attention broadcasts them over
-the query groups, so nothing is repeated in memory."""
+the query groups, so nothing is repeated in memory. In a batch (`KVBatch`) each sequence
+attends over its own K/V, at its own position."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import KVBatch
 from ..config import ModelConfig
 from .rope import RoPE
 
@@ -41,12 +43,20 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
 
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+        if isinstance(cache, KVBatch):
+            q, k = self.rope(q, cache.offsets), self.rope(k, cache.offsets)
+            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
+            out = mx.concatenate(rows)
+        else:
+            offset = cache.offset if cache is not None else 0
+            out = self._attend(self.rope(q, offset), self.rope(k, offset), v, cache)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         if self.gated:
             out = out * mx.sigmoid(gate.reshape(B, L, -1))
         return self.o_proj(out)
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        mask = "causal" if q.shape[2] > 1 else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)

@@ -24,12 +24,16 @@ def _step(state, q, k, v, g, beta):
     return state, (state * q[..., None]).sum(axis=-2)
 
 
-def _recurrent(q, k, v, g, beta, state):
-    outs = []
+def _recurrent(q, k, v, g, beta, state, every_step: bool = False):
+    """One token at a time; returns the outputs and the states [n, ...]: the state after every
+    position (every_step) or the last one (n = 1)."""
+    outs, states = [], []
     for t in range(q.shape[1]):
         state, out = _step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
         outs.append(out)
-    return mx.stack(outs, axis=1), state
+        if every_step:
+            states.append(state)
+    return mx.stack(outs, axis=1), mx.stack(states) if every_step else state[None]
 
 
 def _chunked(q, k, v, g, beta, state, chunk: int = 64):
@@ -70,11 +74,13 @@ def _chunked(q, k, v, g, beta, state, chunk: int = 64):
     return out.transpose(0, 2, 1, 3), state
 
 
-def gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
-    """q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H] (fp32). Returns out [B, L, H, Dv], state."""
-    if q.shape[1] < chunk:
-        return _recurrent(q, k, v, g, beta, state)
-    return _chunked(q, k, v, g, beta, state, chunk)
+def gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64, every_step: bool = False):
+    """q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H] (fp32). Returns out [B, L, H, Dv] and
+    the final state [1, B, H, Dk, Dv], or with every_step the state after each position [L, ...]."""
+    if every_step or q.shape[1] < chunk:
+        return _recurrent(q, k, v, g, beta, state, every_step)
+    out, state = _chunked(q, k, v, g, beta, state, chunk)
+    return out, state[None]
 
 
 def _l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -114,15 +120,9 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_size, cfg.hidden_size, bias=False)
 
-    def _conv(self, x: mx.array, cache) -> mx.array:
-        """Depthwise causal conv over [B, L, C], continuing from the cached last kernel-1 inputs."""
-        B, L, C = x.shape
-        past = cache.conv_state if cache is not None and cache.conv_state is not None else None
-        if past is None:
-            past = mx.zeros((B, self.kernel - 1, C), x.dtype)
-        padded = mx.concatenate([past, x], axis=1)
-        if cache is not None:
-            cache.conv_state = padded[:, -(self.kernel - 1) :]
+    def _conv(self, padded: mx.array) -> mx.array:
+        """Depthwise causal conv over the inputs [B, K-1+L, C] (the last K-1 inputs before these)."""
+        L = padded.shape[1] - (self.kernel - 1)
         w = self.conv1d.weight[:, :, 0]  # [C, K]
         out = padded[:, 0:L] * w[:, 0]
         for i in range(1, self.kernel):
@@ -131,7 +131,12 @@ class GatedDeltaNet(nn.Module):
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         B, L, _ = x.shape
-        mixed = self._conv(self.in_proj_qkv(x), cache)
+        inputs = self.in_proj_qkv(x)
+        past = cache.conv_state if cache is not None else None
+        if past is None:
+            past = mx.zeros((B, self.kernel - 1, inputs.shape[-1]), inputs.dtype)
+        padded = mx.concatenate([past, inputs], axis=1)
+        mixed = self._conv(padded)
         q, k, v = mx.split(mixed, [self.key_size, 2 * self.key_size], axis=-1)
         q = _l2norm(q.reshape(B, L, self.n_k_heads, self.k_dim).astype(mx.float32)) * self.k_dim**-0.5
         k = _l2norm(k.reshape(B, L, self.n_k_heads, self.k_dim).astype(mx.float32))
@@ -146,10 +151,10 @@ class GatedDeltaNet(nn.Module):
         state = cache.recurrent_state if cache is not None else None
         if state is None:
             state = mx.zeros((B, self.n_v_heads, self.k_dim, self.v_dim), mx.float32)
-        out, state = gated_delta_rule(q, k, v, g, beta, state)
+        every_step = cache is not None and cache.keep_steps
+        out, states = gated_delta_rule(q, k, v, g, beta, state, every_step=every_step)
         if cache is not None:
-            cache.recurrent_state = state
-            cache.offset += L
+            cache.update(padded, states, self.kernel - 1)
 
         z = self.in_proj_z(x).reshape(B, L, self.n_v_heads, self.v_dim)
         out = self.norm(out.astype(x.dtype), z)

@@ -57,10 +57,19 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.head(self.model(tokens, cache))
+
+    def hidden(self, tokens: mx.array, cache=None) -> mx.array:
+        """The last layer's output after the final norm [B, T, H] (what `head` turns into logits)."""
+        return self.model(tokens, cache)
+
+    def head(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -83,8 +92,8 @@ class CausalLM(nn.Module):
 class Qwen3_5(nn.Module):
     """Qwen3.5 / Qwen3.6 (dense and MoE): hybrid Gated DeltaNet + gated attention.
 
-    Wrapped in `language_model` like the multimodal checkpoints and mlx-lm; vision tower
-    and MTP head are not part of the text decoder and are dropped on load."""
+    Wrapped in `language_model` like the multimodal checkpoints and mlx-lm; the vision tower is
+    dropped on load, and so is the MTP head unless asked for (`mtp`, see `mtp.py`)."""
 
     # Decoder norms compute x̂·(1 + w) in Hugging Face checkpoints; we store 1 + w.
     _OFFSET_NORMS = (
@@ -95,13 +104,26 @@ class Qwen3_5(nn.Module):
         ".k_norm.weight",
     )
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mtp: bool = False):
         super().__init__()
         self.config = cfg
         self.language_model = CausalLM(cfg)
+        if mtp:
+            from .mtp import MTP
+
+            self.mtp = MTP(cfg)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         return self.language_model(tokens, cache)
+
+    def hidden(self, tokens: mx.array, cache=None) -> mx.array:
+        return self.language_model.hidden(tokens, cache)
+
+    def head(self, h: mx.array) -> mx.array:
+        return self.language_model.head(h)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.language_model.embed(tokens)
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -111,6 +133,7 @@ class Qwen3_5(nn.Module):
         return self.language_model.make_cache()
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        mtp = {k: v for k, v in weights.items() if k.startswith("mtp.")}
         out = {}
         for key, value in weights.items():
             if key.startswith(("mtp.", "model.visual", "visual.", "vision_tower")):
@@ -128,8 +151,20 @@ class Qwen3_5(nn.Module):
             elif from_hf and key.endswith(self._OFFSET_NORMS) and value.ndim == 1:
                 out[key] = value.astype(mx.float32) + 1.0
         inner = {k[len("language_model.") :]: v for k, v in out.items()}
-        return {"language_model." + k: v for k, v in self.language_model.sanitize(inner).items()}
+        out = {"language_model." + k: v for k, v in self.language_model.sanitize(inner).items()}
+        if "mtp" in self:
+            out.update(self._sanitize_mtp(mtp))
+        return out
+
+    def _sanitize_mtp(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The head's tensors as Hugging Face names them (our converter keeps those names and norms)."""
+        norms = (*self._OFFSET_NORMS, "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "mtp.norm.weight")
+        out = {k: v.astype(mx.float32) + 1.0 if k.endswith(norms) and v.ndim == 1 else v for k, v in weights.items()}
+        if self.config.num_experts:
+            stack_experts(out, "mtp.layers.0.mlp", self.config.num_experts)
+        return out
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return Qwen3_5(cfg) if cfg.family == "qwen3_5" else CausalLM(cfg)
+def build_model(cfg: ModelConfig, mtp: bool = False) -> nn.Module:
+    """The model for `cfg`; with `mtp`, Qwen3.5's multi-token-prediction head too."""
+    return Qwen3_5(cfg, mtp) if cfg.family == "qwen3_5" else CausalLM(cfg)

@@ -53,6 +53,7 @@ class RoPE(nn.Module):
         if rope.type == "yarn":
             inv_freq, self.attention_factor = _yarn_inv_freq(self.dims, rope, max_positions)
             self._freqs = 1.0 / inv_freq
+            mx.eval(self._freqs)  # built here, used on the engine's thread, whose streams differ
             self.base = None
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
