@@ -23,7 +23,8 @@ def format_size(n: float, binary: bool = False) -> str:
 
 
 def format_stats(stats: Stats | Mapping[str, Any], detail: bool = False) -> str:
-    """`49 tokens, 130.6 tok/s · TTFT 0.08 s · peak 2.1 MiB`; detail adds the prompt first
+    """`49 tokens, 130.6 tok/s · TTFT 0.08 s · peak 2.1 MiB`, then `MTP 30/41 drafts accepted` when the
+    model's MTP head guessed tokens; detail adds the prompt first
     (`prompt 20 tokens, 257.0 tok/s · reply 49 tokens, ...`) and why generation ended last (`stop`)."""
     s = asdict(stats) if isinstance(stats, Stats) else stats
     reply = f"{s['generated_tokens']} tokens, {s['generation_tps']:.1f} tok/s"
@@ -33,6 +34,8 @@ def format_stats(stats: Stats | Mapping[str, Any], detail: bool = False) -> str:
     parts.append(f"TTFT {s['ttft']:.2f} s")
     if s.get("peak_memory"):
         parts.append(f"peak {format_size(s['peak_memory'], binary=True)}")
+    if s.get("draft_tokens"):  # speculative decoding with the MTP head
+        parts.append(f"MTP {s['accepted_tokens']}/{s['draft_tokens']} drafts accepted")
     if detail:
         parts.append(s["finish_reason"])
     return " · ".join(parts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -46,8 +47,9 @@ def rope_scaling_arg(text: str) -> dict:
     return value
 
 
-def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context") -> None:
-    """--max-context (or fit's --context), --kv-bits, --rope-scaling and --backend: what `mlxqwen.load` takes."""
+def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context", mtp: bool = True) -> None:
+    """--max-context (or fit's --context), --kv-bits, --rope-scaling, --backend and (with mtp=True)
+    --no-mtp: what `mlxqwen.load` takes (`load_options` hands them over)."""
     if context_flag == "--max-context":
         parser.add_argument("--max-context", type=number_arg(int, 1, "at least 1"),
                             help="context limit in tokens (default: the longest that fits in memory)")  # fmt: skip
@@ -60,6 +62,14 @@ def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--
         "(optionally with original_max_position_embeddings, the trained context)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    if mtp:
+        parser.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of `mlxqwen.load` that the options of `add_context_options` give."""
+    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
+    return {**options, "rope_scaling": args.rope_scaling, "mtp": False if args.no_mtp else "auto"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("model", help="a model name from mlxqwen list, a model directory or a .gguf file")
     fit.add_argument("--context", type=number_arg(int, 1, "at least 1"),
                      help="context length in tokens (default: the model's maximum)")  # fmt: skip
-    add_context_options(fit, "--context")
+    add_context_options(fit, "--context", mtp=False)
     fit.set_defaults(func=run_fit)
 
 
@@ -110,13 +120,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if v is not None
     }
     with err.status(f"Loading {args.model}"), collect() as notes:
-        llm = load(
-            args.model,
-            backend=args.backend,
-            max_context=args.max_context,
-            kv_bits=args.kv_bits,
-            rope_scaling=args.rope_scaling,
-        )
+        llm = load(args.model, **load_options(args))
     events = llm.stream(
         prompt,
         system=args.system,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli import error, note
-from .generate_cli import add_context_options, number_arg
+from .generate_cli import add_context_options, load_options, number_arg
 
 API_KEY_ENV = "MLXQWEN_API_KEY"
 
@@ -39,7 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=number_arg(float, 0, "above 0", above=True), default=16,
                    help="largest request body in MiB (default 16)")  # fmt: skip
     add_context_options(p)
-    p.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
     p.set_defaults(func=run)
 
 
@@ -73,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     engine = {
         k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v is not None
     }
-    options = dict(max_context=args.max_context, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
-    loader = functools.partial(load, backend=args.backend, mtp=False if args.no_mtp else "auto", **options, **engine)
+    loader = functools.partial(load, **load_options(args), **engine)
 
     log_to_stderr()
     try:

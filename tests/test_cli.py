@@ -4,6 +4,7 @@ wrapped, never after a note), advice is said once, and nothing is printed withou
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -144,3 +145,41 @@ def test_each_side_speaks_its_own_words(env, capsys):
     llm = mlxqwen.load("mlxqwen-demo", backend="mlx")
     with pytest.raises(ValueError, match=r"^max_tokens=-5 must be at least 1$"):
         llm.generate("hi", max_tokens=-5)
+
+
+def test_generate_counts_the_mtp_heads_guesses_and_no_mtp_turns_it_off(env, capsys):
+    """On MLX the demo model's MTP head guesses tokens: --json and the stats line count them, and
+    the answer is the one plain (greedy) decoding gives."""
+    args = ["generate", "mlxqwen-demo", "-p", QUESTION, "--backend", "mlx", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    guessed = json.loads(out)
+    stats = guessed["stats"]
+    assert 0 < stats["accepted_tokens"] <= stats["draft_tokens"]
+    assert f" · MTP {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted · " in err.splitlines()[-1]
+
+    assert main([*args, "--no-mtp"]) == 0
+    out, err = capsys.readouterr()
+    plain = json.loads(out)
+    assert plain["stats"]["draft_tokens"] == plain["stats"]["accepted_tokens"] == 0
+    assert "MTP" not in err
+    assert (plain["thinking"], plain["text"]) == (guessed["thinking"], guessed["text"])
+
+
+def test_chat_passes_no_mtp_to_the_load(env, monkeypatch):
+    from mlxqwen.tui import app
+
+    heads = []
+
+    class App:
+        def __init__(self, model, resume, loader):
+            heads.append(loader(model).runtime.mtp)
+            self.return_code, self.engine_stopped = 0, True
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(app, "ChatApp", App)
+    assert main(["chat", "mlxqwen-demo", "--backend", "mlx"]) == 0
+    assert main(["chat", "mlxqwen-demo", "--backend", "mlx", "--no-mtp"]) == 0
+    assert heads == [True, False]

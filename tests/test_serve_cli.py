@@ -156,6 +156,30 @@ def test_listening_beyond_loopback_warns_without_a_key(monkeypatch, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+def test_serve_loads_models_with_the_options_given(monkeypatch):
+    import uvicorn
+
+    from mlxqwen import server
+
+    seen = {}
+
+    def pool(models, keep_alive, load):
+        seen.update(load.keywords)
+        return ModelPool(models, keep_alive=keep_alive, load=load)
+
+    monkeypatch.setattr(server, "ModelPool", pool)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: None)
+    assert main(["serve", "--port", str(free_port()), "--no-mtp", "--kv-bits", "8", "--max-queue", "0"]) == 0
+    assert seen == {
+        "backend": "auto",
+        "max_context": None,
+        "kv_bits": 8,
+        "rope_scaling": None,
+        "mtp": False,
+        "max_queue": 0,
+    }
+
+
 def test_pool_keeps_models_within_the_memory_budget():
     """LRU eviction to make room, a model too big for the machine refused with what fits, keep-alive 0."""
 

@@ -8,6 +8,7 @@ screens."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -565,6 +566,19 @@ async def test_speed_shows_while_generating_and_thinking_keeps_its_lines(store_p
         await answered(pilot)
         await until(pilot, lambda: "generating" not in str(status.render()))
         assert " tok/s · TTFT " in str(status.render())
+
+
+async def test_the_status_line_counts_the_mtp_heads_guesses(store_path):
+    """The demo model on MLX guesses tokens with its MTP head; the status line says how many it kept."""
+    loader = functools.partial(mlxqwen.load, backend="mlx", mtp_depth=2)
+    app = ChatApp(mlxqwen.demo.DEMO_DIR, store=ChatStore(store_path), loader=loader)
+    async with app.run_test(size=(160, 32)) as pilot:
+        await ready(pilot)
+        await send(pilot, "What is 37 + 48?")
+        stats = app.messages[-1].stats
+        assert 0 < stats["accepted_tokens"] <= stats["draft_tokens"]
+        status = str(app.query_one("#status-text").render())
+        assert status.endswith(f" · MTP {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted")
 
 
 async def test_a_load_note_shows_once_on_this_machine(store_path):
