@@ -1,5 +1,6 @@
 """Output format `gguf`: one GGUF file that llama.cpp (and Ollama, LM Studio, llama-cpp-python)
-loads, mapped by `gguf_mapping`. The metadata and tokenizer are written first, then the tensors
+loads, mapped by `gguf_mapping`, with a Qwen3.5/3.6 checkpoint's MTP head as llama.cpp's `nextn`
+tensors unless `no_mtp`. The metadata and tokenizer are written first, then the tensors
 are streamed to disk one at a time, a few rows at a time: F32/F16/BF16/Q8_0 by gguf-py (a
 dependency of mlxqwen itself); K-quants (Q4_K_M) are made from a BF16 file by llama.cpp's own
 quantizer, which needs llama-cpp-python (`pip install 'mlxqwen[llama]'`)."""
@@ -58,23 +59,29 @@ def _write_rows(f: BinaryIO, value: mx.array, qtype: Q) -> None:
         gguf.quants.quantize(chunk, qtype).tofile(f)
 
 
-def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progress: Progress | None) -> int:
-    """Write the GGUF; returns the number of parameters in it. The MTP head and the vision tower
-    are left out: llama.cpp's Qwen architectures run the decoder alone."""
+def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progress: Progress | None, mtp: bool) -> int:
+    """Write the GGUF, with the MTP head where the checkpoint has one and `mtp` (as llama.cpp's
+    `nextn` tensors); returns the number of parameters in it. The vision tower is left out:
+    llama.cpp's Qwen architectures run the decoder alone."""
     checkpoint = SourceCheckpoint.open(source.path)
     cfg, config_file = checkpoint.cfg, str(source.path / "config.json")
     arch = mapping.llama_arch(cfg, config_file)
+    weights, head, _ = checkpoint.tensors()
+    head = head if mtp and cfg.family == "qwen3_5" else {}
+    layers = mapping.mtp_layers(head)
     w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
     w.add_file_type(file_type)
-    mapping.write_metadata(w, cfg, arch, source.name, config_file)
+    mapping.write_metadata(w, cfg, arch, source.name, config_file, layers)
     mapping.write_tokenizer(w, source.path, cfg.vocab_size)
 
-    weights, _, _ = checkpoint.tensors()
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers + layers)
+    weights.update(mapping.mtp_to_llama(key, value, cfg) for key, value in head.items())
+    del head
     plan: list[tuple[mx.array, Q, int]] = []
     for key in list(weights):
         key, value = mapping.to_llama(key, weights.pop(key), cfg)
-        tensor = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        # the nextn tensors are named already; TensorNameMap knows the rest
+        tensor = key if key.startswith("blk.") else names.get_name(key, try_suffixes=(".weight", ".bias"))
         if tensor is None:
             raise ConvertError(f"{source.path}: tensor {key!r} has no counterpart in llama.cpp's {w.arch}")
         qtype = mapping.tensor_type(tensor, value.shape, matrix_type)
@@ -126,7 +133,8 @@ def _llama_quantize(src: Path, out: Path, file_type: FT, progress: Progress | No
 class GgufFormat(OutputFormat):
     name = "gguf"
     options = {
-        "quant": Option("GGUF tensor type (default Q8_0; Q4_K_M needs mlxqwen[llama])", "Q8_0", choices=tuple(QUANTS))
+        "quant": Option("GGUF tensor type (default Q8_0; Q4_K_M needs mlxqwen[llama])", "Q8_0", choices=tuple(QUANTS)),
+        "no_mtp": Option("leave the multi-token-prediction head (mtp.*) out", False, switch=True),
     }
 
     def label(self, options: dict[str, Any]) -> str:
@@ -147,11 +155,11 @@ class GgufFormat(OutputFormat):
             )
         with staged(output, force, source.path) as tmp:
             if requantize is None:
-                params = _write_gguf(source, tmp, matrix_type, file_type, progress)
+                params = _write_gguf(source, tmp, matrix_type, file_type, progress, not options["no_mtp"])
             else:
                 intermediate = tmp.with_name(f"{tmp.name}.{matrix_type.name}")
                 try:
-                    params = _write_gguf(source, intermediate, matrix_type, file_type, progress)
+                    params = _write_gguf(source, intermediate, matrix_type, file_type, progress, not options["no_mtp"])
                     _llama_quantize(intermediate, tmp, requantize, progress)
                 finally:
                     intermediate.unlink(missing_ok=True)

@@ -34,6 +34,15 @@ _PRE_TOKENIZERS = {
 _QWEN35_DEFAULT_MROPE = [11, 11, 10]  # transformers' default for Qwen3.5 configs that omit it
 
 
+# The MTP head's own tensors -> llama.cpp's nextn tensors of the head's block
+_NEXTN = {
+    "fc": gguf.MODEL_TENSOR.NEXTN_EH_PROJ,  # joins [embedding, hidden state]
+    "pre_fc_norm_embedding": gguf.MODEL_TENSOR.NEXTN_ENORM,
+    "pre_fc_norm_hidden": gguf.MODEL_TENSOR.NEXTN_HNORM,
+    "norm": gguf.MODEL_TENSOR.NEXTN_SHARED_HEAD_NORM,
+}
+
+
 def llama_arch(cfg: ModelConfig, source: str) -> gguf.MODEL_ARCH:
     """llama.cpp's architecture for this config, or a one-line error for what llama.cpp can't run."""
     moe = cfg.num_experts > 0
@@ -73,11 +82,15 @@ def _rope_sections(cfg: ModelConfig, source: str) -> list[int]:
     return (sections + [0, 0, 0, 0])[:4]
 
 
-def write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH, name: str, source: str) -> None:
+def write_metadata(
+    w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH, name: str, source: str, mtp_layers: int = 0
+) -> None:
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(cfg.num_hidden_layers + mtp_layers)  # the MTP head's layers come after the decoder's
+    if mtp_layers:
+        w.add_nextn_predict_layers(mtp_layers)
     if cfg.intermediate_size:
         w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
@@ -115,7 +128,7 @@ def write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: gguf.MODEL_ARCH, 
         w.add_ssm_group_count(cfg.linear_num_key_heads)
         w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
         w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
-        recurrent = [t == "linear_attention" for t in cfg.layer_types]
+        recurrent = [t == "linear_attention" for t in cfg.layer_types] + [False] * mtp_layers
         w.add_array(f"{gguf.MODEL_ARCH_NAMES[arch]}.attention.recurrent_layers", recurrent)
 
 
@@ -198,6 +211,27 @@ def to_llama(key: str, value: mx.array, cfg: ModelConfig) -> tuple[str, mx.array
             if part in key:
                 value = mx.take(value, _tiled_v_heads(prefix, cfg, head), axis=axis)
     return key, value
+
+
+def mtp_layers(head: dict[str, mx.array]) -> int:
+    """The decoder layers of an MTP head (its `mtp.layers.N.*` tensors)."""
+    return len({k.split(".")[2] for k in head if k.startswith("mtp.layers.")})
+
+
+def mtp_to_llama(key: str, value: mx.array, cfg: ModelConfig) -> tuple[str, mx.array]:
+    """One tensor of the MTP head (Hugging Face names) as llama.cpp's qwen35 defines it: head layer
+    i is block n_layer + i (a decoder layer, named as the decoder's, for `to_llama`), the head's
+    own tensors are that block's nextn tensors (named in full). Every norm of the head computes
+    x̂·(1 + w), as the decoder's do, so it holds 1 + w."""
+    if "norm" in key and value.ndim == 1:
+        value = value.astype(mx.float32) + 1.0
+    _, part, rest = key.split(".", 2)
+    if part == "layers":
+        layer, rest = rest.split(".", 1)
+        return f"model.layers.{cfg.num_hidden_layers + int(layer)}.{rest}", value
+    if part in _NEXTN and rest == "weight":
+        return f"{gguf.TENSOR_NAMES[_NEXTN[part]].format(bid=cfg.num_hidden_layers)}.weight", value
+    return key, value  # no counterpart: the writer says so
 
 
 def tensor_type(name: str, shape: tuple[int, ...], matrix_type: Q) -> Q:

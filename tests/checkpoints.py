@@ -173,6 +173,19 @@ def add_mtp_head(path: Path, head: MTPReference) -> Path:
     return path
 
 
+def reference_draft(model, head: MTPReference, tokens: list[int], depth: int) -> tuple[int, list[int]]:
+    """The model's greedy next token after `tokens`, and the head's `depth` greedy guesses at the
+    tokens after it, chained: each guess is read with the head's own output at the step before."""
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([tokens])).last_hidden_state
+        following = [*tokens[1:], int(model.lm_head(hidden[0, -1]).argmax())]
+        for _ in range(depth):
+            out = head(hidden, torch.tensor([following]))[:, -1:]
+            following.append(int(model.lm_head(out[0, -1]).argmax()))
+            hidden = torch.cat([hidden, out], dim=1)
+    return following[len(tokens) - 1], following[len(tokens) :]
+
+
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()

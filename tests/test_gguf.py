@@ -17,6 +17,7 @@ import pytest
 from checkpoints import TOKENIZER_DIR, build_reference, reference_logits, save_checkpoint, to_fp8, to_gguf
 from mlx.utils import tree_flatten
 from mlxqwen.convert import ConvertError
+from mlxqwen.convert.api import format_options
 from mlxqwen.convert.gguf import GGUF
 from mlxqwen.convert.progress import make_progress
 from mlxqwen.convert.source import Source
@@ -201,8 +202,9 @@ def test_quantized_file_loads_and_generates(request, tmp_path, quant):
     file_type, bits, min_cos = QUANT_CASES[quant]
     progress = make_progress(Console(file=io.StringIO()))
     with progress:
-        output = tmp_path / GGUF.default_output("m", {"quant": quant})
-        result = GGUF.convert(Source(src), output, {"quant": quant}, force=False, progress=progress)
+        options = format_options("gguf", {"quant": quant})
+        output = tmp_path / GGUF.default_output("m", options)
+        result = GGUF.convert(Source(src), output, options, force=False, progress=progress)
     assert result.output == output and output.name == f"m-{quant}.gguf" and result.recipe == quant
     assert all(task.finished for task in progress.tasks)
     assert [p.name for p in tmp_path.iterdir()] == [output.name]

@@ -289,7 +289,8 @@ class _Allocations(logging.Handler):
 @pytest.mark.parametrize("shape", REAL_SHAPES)
 def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
     """For real Qwen shapes, llama.cpp plans its buffers (no_alloc: nothing is allocated, no
-    weight read) at long contexts, with several sequences, each K/V type: the estimate has its
+    weight read) at long contexts, with several sequences (and recurrent states kept to roll
+    back to), each K/V type: the estimate has its
     K/V cache and recurrent state exactly, never less than its compute and output buffers, and,
     as `load` runs it, at most 25 % more of them."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -308,10 +309,11 @@ def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
     log.addHandler(allocations)
     log.setLevel(logging.DEBUG)
     try:
-        for kv_type, n_ctx, n_seq in [("f16", 4096, 1), ("f16", 131072, 1), ("f16", 32768, 4), ("q8_0", 32768, 1),
-                                      ("f32", 16384, 1)]:  # fmt: skip
+        cases = [("f16", 4096, 1, 0), ("f16", 131072, 1, 0), ("f16", 32768, 4, 0), ("f16", 32768, 4, 3),
+                 ("q8_0", 32768, 1, 0), ("f32", 16384, 1, 0)]  # fmt: skip
+        for kv_type, n_ctx, n_seq, n_rs in cases:
             ctx_params = llama_cpp.llama_context_default_params()
-            ctx_params.n_ctx, ctx_params.n_seq_max = n_ctx, n_seq
+            ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.n_rs_seq = n_ctx, n_seq, n_rs
             ctx_params.n_batch = ctx_params.n_ubatch = backend.PREFILL_CHUNK
             ctx_params.n_outputs_max = n_seq
             ctx_params.type_k = ctx_params.type_v = backend._GGML_TYPES[kv_type]
@@ -323,8 +325,8 @@ def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
             assert ctx
             llama_cpp.llama_free(ctx)
             got = allocations.sizes()
-            plan = memory.llama_estimate(model, n_ctx, kv_type=kv_type, n_seq_max=n_seq, n_outputs=n_seq)
-            case = (kv_type, n_ctx, n_seq, got)
+            plan = memory.llama_estimate(model, n_ctx, kv_type=kv_type, n_seq_max=n_seq, n_outputs=n_seq, n_rs_seq=n_rs)
+            case = (kv_type, n_ctx, n_seq, n_rs, got)
             assert plan.kv_cache / MiB == pytest.approx(got["KV"], abs=0.01), case
             assert plan.recurrent_state / MiB == pytest.approx(got["RS"], abs=0.01), case
             buffers = plan.working - memory._llama_graphs(model, backend.PREFILL_CHUNK)

@@ -145,7 +145,7 @@ def load(
         from . import llama_cpp
 
         # a sequence for each running request, and one to compute next turns' states
-        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, **options)
+        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, mtp=mtp, **options)
     else:
         from . import mlx
 
