@@ -23,6 +23,7 @@ import pytest
 import safetensors.numpy
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
 from mlxqwen.tui.app import ChatApp
+from mlxqwen.tui.chat import ChatController
 from mlxqwen.tui.commands import COMMANDS, help_markdown
 from mlxqwen.tui.fit import memory_plan
 from mlxqwen.tui.screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
@@ -36,6 +37,7 @@ from textual.widgets.markdown import MarkdownBlock
 import mlxqwen.demo
 import mlxqwen.memory
 from mlxqwen.display import format_size
+from mlxqwen.llm import last
 from mlxqwen.tokenizer import Tokenizer
 
 GiB = 1024**3
@@ -130,7 +132,7 @@ def stored(app: ChatApp) -> list[tuple[dict, str]]:
 
 
 def conversation(app: ChatApp) -> list[dict]:
-    return app.session.history[app.system_offset :]
+    return app.chat.session.conversation
 
 
 # --- real model -----------------------------------------------------------------------
@@ -150,7 +152,7 @@ async def test_send_streams_answer_saved_and_shown(tiny_model, store_path):
         stats = app.store.messages(app.chat.id)[-1].stats
         assert stats["generated_tokens"] == 8 and stats["finish_reason"] == "length"
         assert app.title == "Hello there"
-        assert f"ctx {app.session.tokens:,}/4,096" in str(app.query_one("#status-text").render())
+        assert f"ctx {app.chat.session.tokens:,}/4,096" in str(app.query_one("#status-text").render())
     assert app.engine_stopped
 
 
@@ -201,7 +203,7 @@ async def test_regenerate_and_edit_use_the_session_snapshots(tiny_model, store_p
         app.apply_settings(ChatSettings(think=False, temperature=1.0, max_tokens=6))
         await send(pilot, "First question")
         await send(pilot, "Second question")
-        cached = app.session.tokens
+        cached = app.chat.session.tokens
 
         await pilot.press("ctrl+r")
         await answered(pilot)
@@ -241,7 +243,7 @@ async def test_chat_persists_and_reopens(tiny_model, store_path):
         await ready(pilot)
         assert app.model_path == tiny_model
         await send(pilot, "Do you?")
-        assert app.session.history[0] == {"role": "system", "content": "Be brief."}
+        assert app.chat.session.history[0] == {"role": "system", "content": "Be brief."}
         assert [m for m, _ in stored(app)] == conversation(app)
         assert conversation(app)[:2] == [m for m, _ in first]
 
@@ -374,9 +376,9 @@ async def test_settings_screen_changes_the_chat(store_path):
         expected = ChatSettings(system="You are terse.", think=False, temperature=0.7, top_p=None, max_tokens=64)
         assert app.chat.settings == expected
         assert app.store.chat(app.chat.id).settings == expected
-        assert app.session is None  # a new system prompt: the conversation is read again
+        assert app.chat.session is None  # a new system prompt: the conversation is read again
         await send(pilot, "Again")
-        assert app.session.history[0] == {"role": "system", "content": "You are terse."}
+        assert app.chat.session.history[0] == {"role": "system", "content": "You are terse."}
 
 
 async def test_slash_commands(store_path, tmp_path):
@@ -575,7 +577,7 @@ async def test_the_status_line_counts_the_mtp_heads_guesses(store_path):
     async with app.run_test(size=(160, 32)) as pilot:
         await ready(pilot)
         await send(pilot, "What is 37 + 48?")
-        stats = app.messages[-1].stats
+        stats = app.chat.messages[-1].stats
         assert 0 < stats["accepted_tokens"] <= stats["draft_tokens"]
         status = str(app.query_one("#status-text").render())
         assert status.endswith(f" · MTP {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted")
@@ -593,6 +595,28 @@ async def test_a_load_note_shows_once_on_this_machine(store_path):
             await ready(pilot)
             notes = [n.message for n in app._notifications]
             assert ("this model would run faster on llama.cpp" in notes) is shown
+
+
+def test_a_chat_keeps_its_session_while_it_holds_the_conversation(store_path):
+    """The controller resumes the chat's session turn after turn; once the store holds another
+    conversation (a turn dropped), a new session reads it."""
+    llm = scripted_llm(ScriptedReplies(["One.", "Two.", "Three."]))
+    chat = ChatController.new(ChatStore(store_path), ChatSettings(system="Be brief.", think=False))
+    sessions = []
+    for text in ("First", "Second"):
+        base = chat.history()
+        _, reply = chat.add_turn(text, None)
+        chat.finish(reply, last(chat.send(llm, base, text)))
+        sessions.append(chat.session)
+    session = sessions[0]
+    assert sessions == [session, session] and session.conversation == chat.history()
+    assert session.history[0] == {"role": "system", "content": "Be brief."}
+    chat.drop(2)
+    _, reply = chat.add_turn("Third", None)
+    chat.finish(reply, last(chat.send(llm, chat.history(-2), "Third")))
+    assert chat.session is not session and chat.session.conversation == chat.history()
+    stored = [m.message["content"] for m in chat.store.messages(chat.id)]
+    assert stored == ["First", "One.", "Third", "Three."] and chat.title == "First"
 
 
 def test_cli_registers_chat(capsys):
