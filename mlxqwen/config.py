@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, option
 
 # config.json model_type -> architecture family implemented in mlxqwen.models
 MODEL_TYPES = {
@@ -261,4 +261,6 @@ def trained_context(cfg: ModelConfig) -> int:
 def yarn_hint(requested: int, trained: int) -> str:
     """How to ask for `requested` tokens of a model trained for `trained`: the YaRN option."""
     factor = math.ceil(requested / trained * 10) / 10
-    return f'extend it with YaRN: rope_scaling={{"rope_type": "yarn", "factor": {factor}}}'
+    return "extend it with YaRN: " + option(
+        "rope_scaling", f'{{"rope_type": "yarn", "factor": {factor}}}', literal=True
+    )

@@ -3,6 +3,7 @@ and `option`, which names a parameter in the user's own words."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -50,10 +51,11 @@ def command_line_wording() -> Iterator[None]:
         _command_line.reset(token)
 
 
-def option(name: str, value: Any = True) -> str:
+def option(name: str, value: Any = True, literal: bool = False) -> str:
     """A parameter as the user writes it: `force=True`, `recipe='3bit'` from Python; `--force`,
-    `--recipe 3bit` on the command line."""
+    `--recipe 3bit` on the command line. literal: `value` is text written alike in both (a JSON
+    object), quoted for the shell on the command line."""
     if _command_line.get():
         flag = "--" + name.replace("_", "-")
-        return flag if value is True else f"{flag} {value}"
-    return f"{name}={value!r}"
+        return flag if value is True else f"{flag} {shlex.quote(value) if literal else value}"
+    return f"{name}={value if literal else repr(value)}"
