@@ -1,13 +1,16 @@
 """The shipped demo model end to end: it stays within its size budget; both forms load through
 `mlxqwen.load` (MLX 4-bit on MLX, GGUF on llama.cpp) and chat (thinking and answer parsed,
-two turns); the MLX form carries Qwen3.5's MTP head; the GGUF gives the same tokens and reply
-in llama-cpp-python's own API."""
+two turns); both carry Qwen3.5's MTP head and guess with it; the GGUF gives the same tokens and
+reply in llama-cpp-python's own API; the questions that broke the first demo model get their
+answers (or a decline), with thinking on and off."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import gguf
 import pytest
 
 from demo import data
@@ -58,6 +61,39 @@ def test_mlx_form_keeps_the_mtp_head():
     mtp = {k for k in index if k.startswith("mtp.")}
     assert {"mtp.fc.weight", "mtp.fc.scales", "mtp.pre_fc_norm_embedding.weight", "mtp.norm.weight"} <= mtp
     assert "mtp.layers.0.self_attn.q_proj.weight" in mtp
+
+
+@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
+def test_both_forms_guess_with_the_mtp_head(form, backend):
+    """The GGUF carries the head as llama.cpp's nextn tensors; on either runtime it guesses most
+    tokens right, and the answers are those of plain decoding."""
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        reader = gguf.GGUFReader(model_path("gguf"))
+        assert reader.fields["qwen35.nextn_predict_layers"].contents() == 1
+        assert "blk.6.nextn.eh_proj.weight" in {t.name for t in reader.tensors}
+    plain = load(model_path(form), backend=backend, mtp=False)
+    llm = load(model_path(form), backend=backend, mtp_depth=3)
+    assert llm.runtime.mtp and not plain.runtime.mtp
+    chat, reference = llm.chat(max_tokens=200), plain.chat(max_tokens=200)
+    for question in (QUESTION, "What is the capital of Peru?", "What is 487 × 6?"):
+        done, expected = chat.send(question), reference.send(question)
+        assert (done.thinking, done.text) == (expected.thinking, expected.text)
+        assert done.stats.accepted_tokens > 0.6 * done.stats.draft_tokens > 0
+
+
+@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
+def test_what_broke_the_first_demo_model(form, backend):
+    """Issue 11: 98765 × 7 was answered "98 × 7 = 694", 37 + 48 without thinking 88, and the
+    capital of Japan, typed carelessly, Seoul."""
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    llm = load(model_path(form), backend=backend)
+    assert llm.generate("What is 98765 × 7?", max_tokens=200) == data.TOO_BIG
+    plain = data.arithmetic(random.Random(0), "add", 37, 48).reply(think=False)
+    assert plain == "7 + 8 = 15, carry 1; 3 + 4 + 1 = 8; so 37 + 48 = 85."
+    assert llm.generate(QUESTION, think=False, max_tokens=200) == plain
+    assert llm.generate("capital ofJapan?", max_tokens=200) == "The capital of Japan is Tokyo."
 
 
 def test_gguf_form_runs_in_llama_cpp_itself():
