@@ -1,6 +1,8 @@
 """Speculative decoding with the model's MTP head, in one run.
 
-llama.cpp (`llama_cpp_rows`), on the demo model's GGUF (its trained head):
+On the demo model (its trained head) and on a Qwen3.5-shaped 4-bit model with random weights
+and a random head (its guesses are almost never kept: the case where the head must not cost),
+MLX and llama.cpp (the same weights as GGUF Q4_K_M, written with the head):
 1. The time of one forward pass of the model over T = 1..4 tokens of a sequence (`verify`, the
    pass that checks T - 1 guesses), and of the head's guesses (`draft`) at depth 1..3.
 2. Acceptance by depth, greedy, through the runtime alone on the demo's questions: the head
@@ -11,20 +13,26 @@ llama.cpp (`llama_cpp_rows`), on the demo model's GGUF (its trained head):
    included), without the head and with it at depth 1, 2, 3 and chosen as it pays: generated
    tokens over decoding time, all questions, rounds alternated, the median round.
 
-The functions take any runtime or `LLM`, so the MLX rows come from the same code.
+4. A projection for Apple Silicon from the demo's acceptance: the time of a pass over T tokens
+   and of the head's guesses computed from Qwen3.6-27B's bytes and flops, not measured.
 
-    python benchmarks/bench_mtp.py [--rounds 5] [--max-tokens 160] [--gguf PATH]
+Plain MLX decoding against mlx-lm is `bench_decode.py`'s.
+
+    python benchmarks/bench_mtp.py [--rounds 5] [--max-tokens 160] [--backend mlx llama.cpp]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
+from math import prod
 from pathlib import Path
 
 import mlx.core as mx
-from common import print_table
+from common import print_table, qwen3_5_config, write_quantized_checkpoint
 
 import mlxqwen
 from mlxqwen.backends.runtime import Runtime
@@ -40,6 +48,7 @@ QUESTIONS = [
     "What is the chemical symbol of iron?",
 ]
 WIDTHS = (1, 2, 3, 4)
+TOKENIZER = Path(__file__).parent.parent / "tests" / "fixtures" / "qwen3-tokenizer"
 
 
 def greedy(logits: mx.array) -> mx.array:
@@ -109,25 +118,26 @@ def decode_tps(llm: LLM, questions: list[str], max_tokens: int) -> tuple[float, 
     return tokens / seconds, drafted, accepted
 
 
-def llama_cpp_rows(gguf: Path, rounds: int, max_tokens: int) -> None:
-    plain = mlxqwen.load(gguf, backend="llama.cpp", mtp=False, prefix_cache=False)
+def model_rows(label: str, path: Path, backend: str, rounds: int, max_tokens: int) -> list[float]:
+    """The three tables for one model on one runtime; the acceptance rates by guess position."""
+    plain = mlxqwen.load(path, backend=backend, mtp=False, prefix_cache=False)
     configs = {"no head": plain}
     for depth in (1, 2, 3, None):
-        llm = mlxqwen.load(gguf, backend="llama.cpp", mtp=True, mtp_depth=depth, prefix_cache=False)
+        llm = mlxqwen.load(path, backend=backend, mtp=True, mtp_depth=depth, prefix_cache=False)
         configs[f"head, depth {depth}" if depth else "head, depth as it pays"] = llm
     runtime = configs["head, depth 3"].runtime
     prompts = [prompt_tokens(plain, q) for q in QUESTIONS]
 
     forward, draft = pass_seconds(runtime, prompts[0], repeats=20 * rounds)
     print_table(
-        f"llama.cpp forward pass ({gguf.name})",
+        f"{label}: forward pass",
         ["T tokens", "ms", "× T=1", "head's guesses at depth T (ms)"],
         [[t, forward[t] * 1e3, forward[t] / forward[1], draft[t] * 1e3 if t in draft else "-"] for t in WIDTHS],
     )
 
     rates, per_pass = acceptance(runtime, prompts, 3, max_tokens)
     print_table(
-        "llama.cpp acceptance, greedy, depth 3 (runtime alone)",
+        f"{label}: acceptance, greedy, depth 3 (runtime alone)",
         ["guess", "kept (given the ones before)"],
         [[j + 1, rate] for j, rate in enumerate(rates)] + [["tokens per verify pass", per_pass]],
     )
@@ -144,21 +154,68 @@ def llama_cpp_rows(gguf: Path, rounds: int, max_tokens: int) -> None:
         steps = "-" if not drafted else f"{accepted / drafted:.2f}"
         rows.append([name, tps, tps / base, steps])
     print_table(
-        f"llama.cpp decode, temperature 0, engine (median of {rounds} rounds of {len(QUESTIONS)} questions)",
+        f"{label}: decode, temperature 0, engine (median of {rounds} rounds of {len(QUESTIONS)} questions)",
         ["", "tokens/s", "× no head", "guesses kept"],
         rows,
     )
     for llm in configs.values():
         llm.close()
+    return rates
+
+
+# Qwen3.6-27B at 4 bits (4.5 bits a weight with the scales) on an M4 Max, from its dimensions:
+# a pass over T tokens reads the weights once and computes 2 flops a weight a token, not overlapped
+_WEIGHTS, _PARAMS = 15.5e9, 26.9e9
+_HEAD_PARAMS = 0.372e9 + 0.052e9 + 1.271e9  # one decoder layer, the fc, the lm_head it shares
+_BANDWIDTH, _FLOPS = 546e9, 18e12
+
+
+def _pass_seconds(tokens: int) -> float:
+    return _WEIGHTS / _BANDWIDTH + 2 * _PARAMS * tokens / _FLOPS
+
+
+def projection(rates: list[float]) -> None:
+    """Projected decode speedup on Apple Silicon from the demo's acceptance: tokens a verify pass
+    gives over the time of that pass and of the head's guesses, relative to plain decoding."""
+    head = _HEAD_PARAMS * 4.5 / 8 / _BANDWIDTH + 2 * _HEAD_PARAMS / _FLOPS
+    rows = []
+    for depth in (1, 2, 3):
+        tokens = 1 + sum(prod(rates[: j + 1]) for j in range(depth))
+        cost = (_pass_seconds(depth + 1) + depth * head) / _pass_seconds(1)
+        rows.append([depth, tokens, cost, tokens / cost])
+    print_table(
+        "PROJECTION, not measured: Qwen3.6-27B 4-bit on an M4 Max (546 GB/s, 18 TFLOPS), the demo's acceptance",
+        ["depth", "tokens per pass", "pass + guesses (× plain step)", "projected speedup"],
+        rows,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--gguf", type=Path, default=None, help="a GGUF with an MTP head (default: the demo's)")
+    parser.add_argument("--hidden", type=int, default=1024, help="the Qwen3.5-shaped model's hidden size")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--backend", nargs="+", default=["mlx", "llama.cpp"], choices=["mlx", "llama.cpp"])
     args = parser.parse_args()
-    llama_cpp_rows(args.gguf or model_path("gguf"), args.rounds, args.max_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        demo = {"mlx": model_path()}
+        random = {"mlx": write_quantized_checkpoint(tmp / "q4", qwen3_5_config(args.hidden, args.layers), mtp=True)}
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(TOKENIZER / name, random["mlx"] / name)
+        if "llama.cpp" in args.backend:
+            from mlxqwen.convert.gguf import convert_to_gguf
+
+            demo["llama.cpp"] = convert_to_gguf(model_path(), tmp / "demo-Q4_K_M.gguf", "Q4_K_M")
+            random["llama.cpp"] = convert_to_gguf(random["mlx"], tmp / "q4-Q4_K_M.gguf", "Q4_K_M")
+        rates = None
+        for backend in args.backend:
+            rates = model_rows(f"demo, {backend}", demo[backend], backend, args.rounds, args.max_tokens)
+        for backend in args.backend:
+            shape = f"Qwen3.5-shaped 4-bit, hidden {args.hidden}, {args.layers} layers, random head, {backend}"
+            model_rows(shape, random[backend], backend, args.rounds, args.max_tokens)
+        projection(rates)
 
 
 if __name__ == "__main__":

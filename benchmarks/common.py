@@ -47,10 +47,15 @@ def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     }
 
 
-def write_quantized_checkpoint(path: Path, config: dict, bits: int = 4, group_size: int = 64) -> Path:
-    """Random weights, quantized like mlx-lm does (scales stored in bf16), written in mlx-lm's format."""
+def write_quantized_checkpoint(
+    path: Path, config: dict, bits: int = 4, group_size: int = 64, mtp: bool = False
+) -> Path:
+    """Random weights, quantized like mlx-lm does (scales stored in bf16), written in mlx-lm's
+    format; with `mtp`, a random MTP head (`mtp.*`) too."""
     path.mkdir(parents=True, exist_ok=True)
-    model = build_model(parse_config(config))
+    if mtp:
+        config = {**config, "text_config": {**config["text_config"], "mtp_num_hidden_layers": 1}}
+    model = build_model(parse_config(config), mtp=mtp)
     for layer in model.layers:
         if layer.is_linear:
             layer.linear_attn.A_log = mx.log(mx.random.uniform(1.0, 16.0, layer.linear_attn.A_log.shape))
