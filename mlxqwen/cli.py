@@ -4,8 +4,8 @@ them for --help), so `mlxqwen chat` starts without loading the converter.
 
 Every command reports the same way: an error is one line on stderr, `mlxqwen COMMAND: error:
 MESSAGE` (as argparse writes its own), with exit status 1; a note is `mlxqwen COMMAND: note:
-MESSAGE` (a warning, `warning:`). Messages name options as flags (`--force`, see `mlxqwen.errors.option`). Output to a
-pipe or a file is never wrapped."""
+MESSAGE` (a warning: `warning:`). Messages name options as flags (`--force`, see
+`mlxqwen.errors.option`). Output to a pipe or a file is never wrapped."""
 
 from __future__ import annotations
 
