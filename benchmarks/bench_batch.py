@@ -168,9 +168,9 @@ def build(tmp: Path, hidden: int, layers: int, backends: list[str]) -> dict[str,
         shutil.copy(TOKENIZER / name, path / name)
     models = {"mlx": path}
     if "llama.cpp" in backends:
-        from mlxqwen.convert.gguf import convert_to_gguf
+        from mlxqwen.convert import convert
 
-        models["llama.cpp"] = convert_to_gguf(path, tmp / f"q4-{hidden}.gguf", "Q4_K_M")
+        models["llama.cpp"] = convert(path, tmp / f"q4-{hidden}.gguf", to="gguf", quant="Q4_K_M").output
     return models
 
 

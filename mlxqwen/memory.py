@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, Yarn, context_limit, trained_context, yarn_hint
-from .errors import InsufficientMemoryError, ModelLoadError
+from .errors import InsufficientMemoryError, ModelLoadError, option
 from .gguf_file import read_header
 
 GiB = 1024**3
@@ -431,7 +431,7 @@ def minimum_context(sizing: Sizing) -> int:
 def fits_hint(sizing: Sizing) -> str:
     """What to ask for instead of a context that does not fit."""
     fits = largest_context(sizing)
-    return f"max_context={fits} fits" if fits else "use a smaller or more quantized model"
+    return f"{option('max_context', fits)} fits" if fits else "use a smaller or more quantized model"
 
 
 def choose_context(
@@ -453,18 +453,18 @@ def choose_context(
     one-line message that says what would do."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"max_context={requested}: give a positive number of tokens")
+            raise ValueError(f"{option('max_context', requested)}: give a positive number of tokens")
         if requested > sizing.limit:
-            fits = fits_hint(sizing) if check_memory else f"max_context={sizing.limit} is the most"
+            fits = fits_hint(sizing) if check_memory else f"{option('max_context', sizing.limit)} is the most"
             raise ModelLoadError(
-                f"{where}: max_context={requested} is past the {sizing.limit:,} tokens this model handles; "
+                f"{where}: {option('max_context', requested)} is past the {sizing.limit:,} tokens this model handles; "
                 f"{fits}, or {yarn_hint(requested, sizing.trained)}"
             )
         if check_memory:
             plan = sizing.estimate(requested)
             if not plan.fits:
                 raise InsufficientMemoryError(
-                    f"{where}: at max_context={requested} the model {plan.verdict}; {fits_hint(sizing)}"
+                    f"{where}: at {option('max_context', requested)} the model {plan.verdict}; {fits_hint(sizing)}"
                 )
         return requested
     cap = min(sizing.limit, default_cap or sizing.limit)

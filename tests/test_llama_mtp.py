@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import MTPReference, add_mtp_head, build_reference, reference_draft, save_checkpoint
+from checkpoints import MTPReference, add_mtp_head, build_reference, reference_draft, save_checkpoint, to_gguf
 
 import mlxqwen
 from mlxqwen.backends import mlx as mlx_backend
@@ -24,7 +24,6 @@ pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 from mlxqwen.convert import convert  # noqa: E402
-from mlxqwen.convert.gguf import convert_to_gguf  # noqa: E402
 from test_gguf import _LINEAR, VOCAB  # noqa: E402
 from test_mtp import PROMPTS  # noqa: E402
 from test_mtp import greedy as engine_greedy  # noqa: E402
@@ -43,7 +42,7 @@ def with_head(request, tmp_path_factory):
     model = build_reference(request.param, vocab_size=VOCAB, **_LINEAR)
     head = MTPReference(model)
     src = add_mtp_head(save_checkpoint(model, tmp / "hf"), head)
-    return model, head, src, convert_to_gguf(src, tmp / "model-F32.gguf", "F32")
+    return model, head, src, to_gguf(src, tmp / "model-F32.gguf", "F32")
 
 
 def load(path: Path, **kwargs):
@@ -194,7 +193,7 @@ def test_without_the_head(with_head, tmp_path, capsys):
 def test_quantized_file_keeps_the_head(with_head, tmp_path):
     """llama.cpp's quantizer (Q4_K_M) keeps the head."""
     _, _, src, _ = with_head
-    runtime = load(convert_to_gguf(src, tmp_path / "m.gguf", "Q4_K_M"), mtp=True)
+    runtime = load(to_gguf(src, tmp_path / "m.gguf", "Q4_K_M"), mtp=True)
     seq, following = fed(runtime, np.random.RandomState(3).randint(0, 151_000, 8).tolist())
     assert runtime.draft([seq], mx.array([following]), DEPTH, greedy).shape == (1, DEPTH)
     runtime.close()
@@ -221,7 +220,7 @@ def test_mlx_directory_keeps_its_head(with_head, tmp_path):
     drafts what the MLX runtime drafts from that directory."""
     _, _, src, _ = with_head
     mlx_dir = convert(src, tmp_path / "mlx", recipe="4bit", dtype="float32").output
-    path = convert_to_gguf(mlx_dir, tmp_path / "m.gguf", "F32")
+    path = to_gguf(mlx_dir, tmp_path / "m.gguf", "F32")
     prompt = np.random.RandomState(4).randint(0, 151_000, 10).tolist()
     drafts = []
     for runtime in (load(path), mlx_backend.load(mlx_dir, dtype=mx.float32, mtp=True)):

@@ -113,13 +113,13 @@ def measured_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """arch -> (Hugging Face checkpoint, its Q8_0 GGUF), with the real tokenizer's vocabulary; and
     the demo model's two forms."""
     pytest.importorskip("gguf")
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from checkpoints import to_gguf
 
     out = {"demo": (demo.model_path("mlx"), demo.model_path("gguf"))}  # 4-bit MLX, Q4_K_M
     for arch, overrides in ARCHS.items():
         tmp = tmp_path_factory.mktemp(arch)
         src = save_checkpoint(build_reference(arch, vocab_size=151936, **_MEASURED, **overrides), tmp / "hf")
-        out[arch] = src, convert_to_gguf(src, tmp / "model-Q8_0.gguf", "Q8_0")
+        out[arch] = src, to_gguf(src, tmp / "model-Q8_0.gguf", "Q8_0")
     return out
 
 
@@ -239,19 +239,20 @@ def sparse_gguf(config: dict, path: Path) -> Path:
     import gguf
     from mlx.utils import tree_flatten
     from mlxqwen.convert import gguf as writer
+    from mlxqwen.convert import gguf_mapping as mapping
 
     from mlxqwen.models import build_model
 
     cfg = parse_config(config)
-    arch = writer.llama_arch(cfg, str(path))
+    arch = mapping.llama_arch(cfg, str(path))
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer._write_metadata(w, cfg, arch, path.stem, str(path), mtp_layers=0)
-    writer._write_tokenizer(w, TOKENIZER_DIR, cfg.vocab_size)
+    mapping.write_metadata(w, cfg, arch, path.stem, str(path))
+    mapping.write_tokenizer(w, TOKENIZER_DIR, cfg.vocab_size)
     names, data = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers), 0
     for key, value in tree_flatten(build_model(cfg).parameters()):  # lazy: nothing is computed
-        key, value = writer._to_llama(key, value, cfg)
+        key, value = mapping.to_llama(key, value, cfg)
         tensor = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        qtype = writer._tensor_type(tensor, value.shape, gguf.GGMLQuantizationType.Q8_0)
+        qtype = mapping.tensor_type(tensor, value.shape, gguf.GGMLQuantizationType.Q8_0)
         nbytes = writer._nbytes(value.shape, qtype)
         w.add_tensor_info(tensor, value.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         data += nbytes + -nbytes % w.data_alignment
@@ -393,7 +394,10 @@ def test_fit_command(hybrid_dir, capsys):
     out = capsys.readouterr().out
     assert "past the 65,536 tokens this model handles" in out and '"factor": 16384.0' in out
     assert main(["fit", str(hybrid_dir / "missing")]) == 1
-    assert "missing: not a model directory or GGUF file" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"mlxqwen fit: error: {hybrid_dir / 'missing'}: no such model directory or GGUF file, nor a local model name; "
+        "see mlxqwen list\n"
+    )
 
 
 def test_fit_without_weights_and_on_gguf(hybrid_dir, tmp_path, capsys, monkeypatch):

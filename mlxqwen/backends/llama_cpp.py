@@ -44,11 +44,12 @@ from llama_cpp import llama_cpp_ext
 
 from .. import memory
 from ..chat_template import ChatTemplate
+from ..checkpoint import read_json
 from ..config import Yarn, parse_yarn
 from ..errors import ModelLoadError
 from ..sampling import GenerationOptions, recommended_sampling
 from ..speculative import MAX_DEPTH
-from ..tokenizer import Tokenizer, read_json
+from ..tokenizer import Tokenizer
 from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
