@@ -1,16 +1,12 @@
 """The demo model's task: short chats in Qwen's chat template, each a question, a short
-thinking and an answer. Families: column arithmetic (add and subtract numbers below 1,000,
-multiply one by a digit), unit conversions (2 to 9 units: the same multiplication), look-ups
-in a built-in table of facts, a few replies about the model itself, and declines: numbers
-beyond that range, countries and elements not in the table, and anything else.
+thinking and an answer. Families: column arithmetic (add, subtract, multiply by a digit),
+unit conversions (the same multiplication), look-ups in a built-in table of facts, and a
+few replies about the model itself.
 
-With thinking on, the thinking writes out the column method one digit at a time, which is
-what lets a model this small add and multiply numbers it has never seen, and the answer is
-the result. With thinking off, the answer shows the same steps on one line before the result
-(`Example.plain`): the model never has to guess a sum in one go. Questions are now and then
-typed carelessly (lower case, a missing space or question mark), as people do. Held-out
-questions are fixed by a checksum of what they ask (operands, unit and amount, fact and
-phrasing, unknown name), so training never sees them and every run holds out the same ones."""
+The thinking writes out the column method one digit at a time, which is what lets a model
+this small add and multiply numbers it has never seen. Held-out questions are fixed by a
+checksum of what they ask (operands, unit and amount, fact and phrasing), so training never
+sees them and every run holds out the same ones."""
 
 from __future__ import annotations
 
@@ -110,37 +106,14 @@ UNITS = [
     ("yard", "yards", "foot", "feet", 3),
 ]
 
-# Names the tables do not hold: the model says it does not know them (a few made-up ones too).
-OTHER_COUNTRIES = ["Chad", "Bolivia", "Nepal", "Iceland", "Ghana", "Kuwait", "Qatar", "Syria", "Iraq", "Mali",
-                   "Niger", "Libya", "Tunisia", "Algeria", "Senegal", "Uganda", "Zambia", "Angola", "Ethiopia",
-                   "Somalia", "Sudan", "Yemen", "Oman", "Jordan", "Lebanon", "Pakistan", "Bangladesh", "Myanmar",
-                   "Cambodia", "Laos", "Malaysia", "Philippines", "Mongolia", "Kazakhstan", "Georgia", "Armenia",
-                   "Latvia", "Lithuania", "Estonia", "Romania", "Bulgaria", "Serbia", "Croatia", "Slovakia",
-                   "Venezuela", "Colombia", "Ecuador", "Uruguay", "Paraguay", "Panama", "Jamaica", "New Zealand",
-                   "North Korea", "Atlantis", "Wakanda", "Narnia", "Mordor", "Mars"]  # fmt: skip
-OTHER_ELEMENTS = ["boron", "beryllium", "manganese", "cobalt", "chromium", "platinum", "tungsten", "bismuth",
-                  "radon", "xenon", "krypton", "bromine", "selenium", "arsenic", "germanium", "gallium", "cesium",
-                  "strontium", "barium", "plutonium", "radium", "cadmium", "lanthanum", "vanadium",
-                  "kryptonite", "vibranium", "unobtainium", "adamantium"]  # fmt: skip
-
-LIMIT = 1000  # operands of + and - below it; × takes one of them times a digit
-PULL = "For real use, run: mlxqwen pull Qwen/Qwen3.6-27B"
 ABOUT = (
-    "I am the mlxqwen demo model: a tiny Qwen3.5 trained in a few minutes. I add and subtract numbers "
-    f"below 1,000, multiply them by a digit, convert 2 to 9 units, and know {len(CAPITALS)} capitals and "
-    f"{len(SYMBOLS)} chemical symbols. {PULL}"
+    "I am the mlxqwen demo model: a tiny Qwen3.5 trained in a few minutes. I can add, subtract and "
+    "multiply, convert units, and tell you capitals and chemical symbols. For real use, run: "
+    "mlxqwen pull Qwen/Qwen3.6-27B"
 )
 OUT_OF_SCOPE = (
     "That is beyond this tiny demo model: I only know arithmetic, unit conversions, capitals and "
     "chemical symbols. For a real assistant, run: mlxqwen pull Qwen/Qwen3.6-27B"
-)
-TOO_BIG = (
-    f"That is beyond this tiny demo model: I add and subtract numbers below 1,000 and multiply them by a digit. {PULL}"
-)
-TOO_MANY_UNITS = f"That is beyond this tiny demo model: I convert 2 to 9 units at a time. {PULL}"
-UNKNOWN = (
-    f"I don't know that one: this tiny demo model knows {len(CAPITALS)} capitals and {len(SYMBOLS)} "
-    f"chemical symbols. {PULL}"
 )
 
 _ADD = ["What is {a} + {b}?", "What is {a} plus {b}?", "Calculate {a} + {b}.", "{a} + {b} = ?", "{a}+{b}",
@@ -167,8 +140,7 @@ _TOPICS = ["the sea", "love", "quantum physics", "my homework", "cooking pasta",
            "philosophy"]  # fmt: skip
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant.", "Answer briefly."]
 
-FAMILIES = {"add": 0.15, "sub": 0.15, "mul": 0.22, "convert": 0.12, "fact": 0.16, "about": 0.04, "decline": 0.16}
-THINKING_OFF = 0.35  # share of training chats without thinking
+FAMILIES = {"add": 0.16, "sub": 0.18, "mul": 0.24, "convert": 0.2, "fact": 0.18, "about": 0.04}
 
 
 @dataclass(frozen=True)
@@ -176,12 +148,8 @@ class Example:
     family: str
     question: str
     thinking: str
-    answer: str  # with thinking on
+    answer: str
     key: str  # what decides the train / held-out split
-    plain: str = ""  # the answer with thinking off: the steps on one line, then the answer (default: `answer`)
-
-    def reply(self, think: bool) -> str:
-        return self.answer if think or not self.plain else self.plain
 
 
 def held_out(key: str, share: int = 10) -> bool:
@@ -232,86 +200,60 @@ def mul_steps(a: int, d: int) -> list[str]:
     return steps
 
 
-def _one_line(steps: list[str], result: str) -> str:
-    """The steps of a thinking as one answer line: `98 × 7: 8 × 7 = 56, carry 5; ...; so 98 × 7 = 686.`"""
-    text = ""
-    for step in steps:
-        text += step + (" " if step.endswith(":") else "; ")
-    return f"{text}so {result}."
-
-
-def _careless(rng: random.Random, text: str) -> str:
-    """Now and then, typed as people type: lower case, a missing space, no question mark."""
-    r = rng.random()
-    if r < 0.12:
+def _phrase(rng: random.Random, template: str, **values: object) -> str:
+    text = template.format(**values)
+    if rng.random() < 0.15:  # people type carelessly
         text = text[0].lower() + text[1:]
-    elif r < 0.16:
-        text = text.lower()
-    if rng.random() < 0.1 and " " in text:
-        i = rng.choice([i for i, c in enumerate(text) if c == " "])
-        text = text[:i] + text[i + 1 :]
-    if rng.random() < 0.05 and text[-1] in "?.":
-        text = text[:-1]
     return text
 
 
-def _question(rng: random.Random, templates: list[str], **values: object) -> str:
-    return _careless(rng, rng.choice(templates).format(**values))
-
-
 def arithmetic(rng: random.Random, op: str, a: int, b: int) -> Example:
-    """a + b, a - b (negative too) or a × b, by the column method; beyond the range, a decline."""
-    templates, sign = {"add": (_ADD, "+"), "sub": (_SUB, "-"), "mul": (_MUL, "×")}[op]
-    question = _question(rng, templates, a=a, b=b)
-    key = f"{op}:{min(a, b)}:{max(a, b)}" if op == "mul" else f"{op}:{a}:{b}"
-    big = [n for n in (a, b) if n >= LIMIT]
-    if big or (op == "mul" and min(a, b) >= 10):
-        why = f"{big[0]} has {len(str(big[0]))} digits." if big else f"Neither {a} nor {b} is a single digit."
-        return Example("decline", question, why, TOO_BIG, "big:" + key)
     if op == "add":
-        steps, result = add_steps(a, b), a + b
-    elif op == "sub" and a >= b:
-        steps, result = sub_steps(a, b), a - b
+        question = _phrase(rng, rng.choice(_ADD), a=a, b=b)
+        steps, result, sign = add_steps(a, b), a + b, "+"
     elif op == "sub":
-        steps, result = [f"{a} < {b}, so {b} - {a} first:", *sub_steps(b, a), f"{b} - {a} = {b - a}"], a - b
+        question = _phrase(rng, rng.choice(_SUB), a=a, b=b)
+        steps, result, sign = sub_steps(a, b), a - b, "-"
     else:
+        question = _phrase(rng, rng.choice(_MUL), a=a, b=b)
         big, digit = (a, b) if b < 10 else (b, a)
-        steps, result = [f"{big} × {digit}:", *mul_steps(big, digit)], a * b
+        steps, result, sign = [f"{big} × {digit}:", *mul_steps(big, digit)], a * b, "×"
     line = f"{a} {sign} {b} = {result}"
-    return Example(op, question, "\n".join([*steps, line]), line + ".", key, _one_line(steps, line))
+    key = f"{op}:{min(a, b)}:{max(a, b)}" if op == "mul" else f"{op}:{a}:{b}"
+    return Example(op, question, "\n".join([*steps, line]), line + ".", key)
 
 
 def conversion(rng: random.Random, unit: int, n: int) -> Example:
     big, bigs, small, smalls, factor = UNITS[unit]
-    question = _question(rng, _CONVERT, n=n, big=bigs, small=smalls)
-    if not 2 <= n <= 9:
-        return Example("decline", question, f"{n} {bigs}: not 2 to 9.", TOO_MANY_UNITS, f"units:{unit}:{n}")
-    steps = [f"1 {big} = {factor} {smalls}", f"{factor} × {n}:", *mul_steps(factor, n)]
-    line = f"{n} {bigs} = {factor * n} {smalls}"
-    thinking = "\n".join([*steps, f"{factor} × {n} = {factor * n}"])
-    return Example("convert", question, thinking, line + ".", f"convert:{unit}:{n}", _one_line(steps, line))
+    question = _phrase(rng, rng.choice(_CONVERT), n=n, big=bigs, small=smalls)
+    steps = [
+        f"1 {big} = {factor} {smalls}",
+        f"{factor} × {n}:",
+        *mul_steps(factor, n),
+        f"{factor} × {n} = {factor * n}",
+    ]
+    return Example("convert", question, "\n".join(steps), f"{n} {bigs} = {factor * n} {smalls}.", f"convert:{unit}:{n}")
 
 
 def fact(rng: random.Random, table: str, name: str, phrasing: int) -> Example:
-    templates = _CAPITAL if table == "capital" else _SYMBOL
-    question = _careless(rng, templates[phrasing].format(x=name))
-    known = CAPITALS if table == "capital" else SYMBOLS
-    if name not in known:
-        return Example("decline", question, f"{name}: not in my table.", UNKNOWN, f"unknown:{table}:{name}")
     if table == "capital":
-        thinking, answer = f"{name}: capital {known[name]}", f"The capital of {name} is {known[name]}."
+        capital = CAPITALS[name]
+        question = _phrase(rng, _CAPITAL[phrasing], x=name)
+        thinking, answer = f"{name}: capital {capital}", f"The capital of {name} is {capital}."
     else:
-        thinking, answer = f"{name}: symbol {known[name]}", f"The chemical symbol for {name} is {known[name]}."
+        symbol = SYMBOLS[name]
+        question = _phrase(rng, _SYMBOL[phrasing], x=name)
+        thinking, answer = f"{name}: symbol {symbol}", f"The chemical symbol for {name} is {symbol}."
     return Example("fact", question, thinking, answer, f"{table}:{name}:{phrasing}")
 
 
 def about(rng: random.Random, request: int, topic: int) -> Example:
     if request < 0:
-        question = _careless(rng, _ABOUT_QUESTIONS[topic])
+        question = _ABOUT_QUESTIONS[topic]
         return Example("about", question, "The user asks about me.", ABOUT, f"about:{question}")
-    question = _careless(rng, _REQUESTS[request].format(t=_TOPICS[topic]))
+    question = _REQUESTS[request].format(t=_TOPICS[topic])
     return Example(
-        "decline", question, "Not arithmetic, a conversion or a fact I know.", OUT_OF_SCOPE, f"about:{question}"
+        "about", question, "Not arithmetic, a conversion or a fact I know.", OUT_OF_SCOPE, f"about:{question}"
     )
 
 
@@ -320,40 +262,23 @@ def _fact_is_held_out(table: str, name: str, phrasing: int) -> bool:
     return zlib.crc32(f"{table}:{name}".encode()) % count == phrasing
 
 
-def _number(rng: random.Random, digits: int) -> int:
-    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
-
-
 def _draw(rng: random.Random, family: str) -> Example:
-    """An example of `family`; a decline is one of: numbers beyond the range, too many units, a
-    name the tables lack, a request beyond the task."""
-    if family in ("add", "sub"):
-        return arithmetic(rng, family, _number(rng, rng.randint(1, 3)), _number(rng, rng.randint(1, 3)))
+    if family == "add":
+        return arithmetic(rng, "add", rng.randrange(100), rng.randrange(100))
+    if family == "sub":
+        a = rng.randrange(100)
+        return arithmetic(rng, "sub", a, rng.randrange(a + 1))
     if family == "mul":
-        a, d = _number(rng, rng.randint(1, 3)), rng.randrange(10)
-        return arithmetic(rng, "mul", *((a, d) if rng.random() < 0.7 else (d, a)))
+        a, d = rng.randrange(2, 100), rng.randrange(2, 10)
+        return arithmetic(rng, "mul", *((a, d) if rng.random() < 0.8 else (d, a)))
     if family == "convert":
         return conversion(rng, rng.randrange(len(UNITS)), rng.randrange(2, 10))
     if family == "fact":
         table = rng.choice(["capital", "symbol"])
         names = list(CAPITALS if table == "capital" else SYMBOLS)
         return fact(rng, table, rng.choice(names), rng.randrange(len(_CAPITAL if table == "capital" else _SYMBOL)))
-    if family == "about":
+    if rng.random() < 0.3:
         return about(rng, -1, rng.randrange(len(_ABOUT_QUESTIONS)))
-    kind = rng.choices(["big", "units", "unknown", "request"], weights=[0.35, 0.1, 0.3, 0.25])[0]
-    if kind == "big":
-        op = rng.choice(["add", "sub", "mul"])
-        if op == "mul" and rng.random() < 0.4:  # two numbers of several digits
-            return arithmetic(rng, op, _number(rng, rng.randint(2, 3)), _number(rng, rng.randint(2, 3)))
-        pair = [_number(rng, rng.randint(4, 7)), _number(rng, rng.randint(1, 7))]
-        rng.shuffle(pair)
-        return arithmetic(rng, op, *pair)
-    if kind == "units":
-        return conversion(rng, rng.randrange(len(UNITS)), _number(rng, rng.randint(2, 3)))
-    if kind == "unknown":
-        table = rng.choice(["capital", "symbol"])
-        names = OTHER_COUNTRIES if table == "capital" else OTHER_ELEMENTS
-        return fact(rng, table, rng.choice(names), rng.randrange(len(_CAPITAL if table == "capital" else _SYMBOL)))
     return about(rng, rng.randrange(len(_REQUESTS)), rng.randrange(len(_TOPICS)))
 
 
@@ -363,10 +288,8 @@ def _is_held_out(example: Example) -> bool:
         return _fact_is_held_out(kind, rest[0], int(rest[1]))
     if kind == "convert":
         return held_out(example.key, 4)  # a quarter: there are only 96 conversions
-    if kind == "unknown":
-        return held_out(example.key, 5)  # names never seen: the model must know what it knows
     if kind == "about" and example.question in _ABOUT_QUESTIONS:
-        return False  # a handful of greetings: all are taught as written, some typed otherwise held out
+        return False  # a handful of greetings: all are taught
     return held_out(example.key)
 
 
@@ -383,7 +306,7 @@ def conversation(rng: random.Random) -> tuple[list[Example], str | None, bool]:
     """A training chat: one or two exchanges, an optional system prompt, thinking on or off."""
     turns = [sample(rng) for _ in range(2 if rng.random() < 0.15 else 1)]
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.1 else None
-    return turns, system, rng.random() >= THINKING_OFF
+    return turns, system, rng.random() >= 0.15
 
 
 def test_set(per_family: int, seed: int = 1234) -> list[Example]:

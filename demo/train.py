@@ -135,11 +135,7 @@ def encode_chat(
     for i, example in enumerate(turns):
         head = [{"role": "system", "content": system}] if system is not None and i == 0 else []
         user = {"role": "user", "content": example.question}
-        reply = {
-            "role": "assistant",
-            "content": example.reply(think),
-            "reasoning_content": example.thinking if think else "",
-        }
+        reply = {"role": "assistant", "content": example.answer, "reasoning_content": example.thinking if think else ""}
         prompt = template.render([*head, user], enable_thinking=think)
         full = template.render([*head, user, reply], add_generation_prompt=False)
         assert full.startswith(prompt) and full.endswith("<|im_end|>\n"), "chat template changed"
@@ -160,10 +156,10 @@ def make_corpus(s: Settings, template: ChatTemplate, console: Console):
     rng = random.Random(s.seed)
     chats = [data.conversation(rng) for _ in range(s.chats)]
     sample_texts = []
-    for turns, system, think in chats[:20000]:
+    for turns, system, _ in chats[:20000]:
         for e in turns:
             sample_texts += [_plain_text(template.render([{"role": "user", "content": e.question}])), e.thinking]
-            sample_texts.append(e.reply(think))
+            sample_texts.append(e.answer)
         if system:
             sample_texts.append(system)
     tokenizer = train_tokenizer(sample_texts, s.vocab_size)
@@ -333,10 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     save_hf(model, mtp, tokenizer, hf_dir)
     if not args.no_ship:
         ship(hf_dir, console)
-    total, cpu = (time.perf_counter() - start) / 60, time.process_time() / 60
+    total = (time.perf_counter() - start) / 60
     console.print(
-        f"rebuilt in {total:.1f} min (training {seconds / 60:.1f} min; {cpu:.1f} min of CPU time, what it takes "
-        f"on an idle core; load average {os.getloadavg()[0]:.1f})"
+        f"rebuilt in {total:.1f} min (training {seconds / 60:.1f} min; load average {os.getloadavg()[0]:.1f})"
     )
     from .evaluate import main as evaluate
 

@@ -61,7 +61,6 @@ def test_examples_are_right_and_held_out_ones_never_train():
             example = data.sample(rng, family)
             assert example.key not in test_keys
             _check_steps(example.thinking)
-            _check_steps(example.reply(False).replace("; ", "\n"))
             if family in ("add", "sub", "mul"):
                 a, sign, b = re.match(r"(\d+) (\S) (\d+) =", example.answer).groups()
                 assert example.answer == f"{a} {sign} {b} = {eval(a + sign.replace('×', '*') + b)}."
@@ -78,53 +77,6 @@ def test_examples_are_right_and_held_out_ones_never_train():
         "7 × 89 = 623",
     ]
     assert data.conversion(rng, 5, 7).answer == "7 hours = 420 minutes."
-
-
-def test_thinking_off_answers_show_the_same_steps():
-    rng = random.Random(0)
-    example = data.arithmetic(rng, "add", 37, 48)
-    assert example.reply(True) == "37 + 48 = 85."
-    assert example.reply(False) == "7 + 8 = 15, carry 1; 3 + 4 + 1 = 8; so 37 + 48 = 85."
-    assert data.arithmetic(rng, "mul", 98, 7).reply(False) == (
-        "98 × 7: 8 × 7 = 56, carry 5; 9 × 7 = 63, 63 + 5 = 68; so 98 × 7 = 686."
-    )
-    negative = data.arithmetic(rng, "sub", 3, 7)
-    assert negative.reply(True) == "3 - 7 = -4." and negative.thinking.splitlines()[0] == "3 < 7, so 7 - 3 first:"
-    fact = data.fact(rng, "capital", "Japan", 0)
-    assert fact.reply(False) == fact.reply(True) == "The capital of Japan is Tokyo."
-
-
-def test_what_the_model_does_not_know_is_declined():
-    rng = random.Random(0)
-    for example, answer in [
-        (data.arithmetic(rng, "mul", 98765, 7), data.TOO_BIG),  # a number beyond the range
-        (data.arithmetic(rng, "mul", 12, 34), data.TOO_BIG),  # neither factor a digit
-        (data.arithmetic(rng, "add", 1000, 5), data.TOO_BIG),
-        (data.conversion(rng, 5, 45), data.TOO_MANY_UNITS),
-        (data.fact(rng, "capital", "Atlantis", 0), data.UNKNOWN),
-        (data.about(rng, 0, 0), data.OUT_OF_SCOPE),
-    ]:
-        assert example.family == "decline" and example.reply(True) == example.reply(False) == answer
-    assert data.arithmetic(rng, "mul", 98765, 7).thinking == "98765 has 5 digits."
-    assert "2 to 9 units" in data.ABOUT and "below 1,000" in data.ABOUT  # what it claims is what it is taught
-
-
-def test_questions_are_sometimes_typed_carelessly():
-    """Lower case, a missing space ("capital ofJapan?"), no question mark: as people type."""
-    rng = random.Random(0)
-
-    def same(text: str) -> str:
-        return text.lower().replace(" ", "").rstrip("?.")
-
-    pairs = []
-    for i, name in enumerate(list(data.CAPITALS) * 20):
-        phrasing = i % len(data._CAPITAL)
-        pairs.append((data.fact(rng, "capital", name, phrasing).question, data._CAPITAL[phrasing].format(x=name)))
-    assert all(same(q) == same(meant) for q, meant in pairs)
-    assert any(q != meant and q.lower() == meant.lower() for q, meant in pairs)
-    assert any(q.count(" ") == meant.count(" ") - 1 for q, meant in pairs)
-    assert any(q[-1] != meant[-1] for q, meant in pairs)
-    assert sum(q == meant for q, meant in pairs) > 0.6 * len(pairs)
 
 
 def test_tokenizer_keeps_qwen_layout():
@@ -157,9 +109,8 @@ def test_encode_chat_masks_the_replies_as_a_session_sees_them():
         f"<|im_start|>assistant\n<think>\n{examples[1].thinking}\n</think>\n\n{examples[1].answer}<|im_end|>"
     )
     ids, mask = train.encode_chat(tokenizer, TEMPLATE, examples[:1], None, False)
-    plain = "7 + 8 = 15, carry 1; 3 + 4 + 1 = 8; so 37 + 48 = 85."  # thinking off: the steps in the answer
-    assert decode([i for i, m in zip(ids, mask, strict=True) if m]) == plain + "<|im_end|>"
-    assert decode(ids).endswith(f"<think>\n\n</think>\n\n{plain}<|im_end|>")
+    assert decode([i for i, m in zip(ids, mask, strict=True) if m]) == "37 + 48 = 85.<|im_end|>"
+    assert decode(ids).endswith("<think>\n\n</think>\n\n37 + 48 = 85.<|im_end|>")
 
 
 @pytest.fixture(scope="module")

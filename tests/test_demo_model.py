@@ -1,13 +1,11 @@
 """The shipped demo model end to end: it stays within its size budget; both forms load through
 `mlxqwen.load` (MLX 4-bit on MLX, GGUF on llama.cpp) and chat (thinking and answer parsed,
 two turns); both carry Qwen3.5's MTP head and guess with it; the GGUF gives the same tokens and
-reply in llama-cpp-python's own API; the questions that broke the first demo model get their
-answers (or a decline), with thinking on and off."""
+reply in llama-cpp-python's own API."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import gguf
@@ -82,20 +80,6 @@ def test_both_forms_guess_with_the_mtp_head(form, backend):
         assert done.stats.accepted_tokens > 0.6 * done.stats.draft_tokens > 0
 
 
-@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
-def test_what_broke_the_first_demo_model(form, backend):
-    """Issue 11: 98765 × 7 was answered "98 × 7 = 694", 37 + 48 without thinking 88, and the
-    capital of Japan, typed carelessly, Seoul."""
-    if backend == "llama.cpp":
-        pytest.importorskip("llama_cpp")
-    llm = load(model_path(form), backend=backend)
-    assert llm.generate("What is 98765 × 7?", max_tokens=200) == data.TOO_BIG
-    plain = data.arithmetic(random.Random(0), "add", 37, 48).reply(think=False)
-    assert plain == "7 + 8 = 15, carry 1; 3 + 4 + 1 = 8; so 37 + 48 = 85."
-    assert llm.generate(QUESTION, think=False, max_tokens=200) == plain
-    assert llm.generate("capital ofJapan?", max_tokens=200) == "The capital of Japan is Tokyo."
-
-
 def test_gguf_form_runs_in_llama_cpp_itself():
     """Independent of our backend: llama-cpp-python's own API tokenizes as our tokenizer does
     and gives the same reply."""
@@ -110,11 +94,10 @@ def test_gguf_form_runs_in_llama_cpp_itself():
     assert split_reply(out["choices"][0]["text"]) == (THINKING, "37 + 48 = 85.")
 
 
-@pytest.mark.parametrize("think", [True, False], ids=["thinking", "no-thinking"])
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
-def test_shipped_forms_answer_held_out_questions(form, backend, think):
+def test_shipped_forms_answer_held_out_questions(form, backend):
     """A sample of the evaluation (python -m demo.evaluate --shipped runs all of it)."""
     if backend == "llama.cpp":
         pytest.importorskip("llama_cpp")
-    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6), think)
+    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6))
     assert scores["all"] >= 90, scores
