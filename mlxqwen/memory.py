@@ -310,8 +310,8 @@ def _llama_compute(
         linear = 10 * min(sequences, ubatch) * m.ssm_state * m.ssm_inner + int(
             act * (3.1 * m.n_embd + 5.8 * keys + 2.1 * m.ssm_inner + 1.05 * 64 * m.ssm_heads)
         )
-        if n_rs_seq:  # states kept to roll back to: the delta rule runs token by token (fitted to 27B and 35B-A3B)
-            linear = max(linear, int(act * 11 * m.ssm_inner) + 20 * 2**20)
+        if n_rs_seq:  # states kept to roll back to: the delta rule runs token by token (fitted: 27B, 35B-A3B, the demo)
+            linear = max(linear, int(act * 13.5 * m.ssm_inner) + 16 * 2**20)
     output = int(act * 2 * m.n_embd) + outputs * m.n_vocab * 4
     mask = n_kv * (ubatch + 64) * (2 if flash_attn else 4)  # a ubatch's, and a token's (padded to 64 rows)
     scores = 0 if flash_attn else n_kv * ubatch * m.n_head * 4  # KQ, fp32
@@ -354,7 +354,9 @@ def llama_estimate(
     )
     outputs, ubatch = max(n_outputs, n_seq_max), min(n_ubatch, n_batch)
     compute = _llama_compute(model, n_kv, ubatch, n_seq_max, outputs, flash_attn, n_rs_seq)
-    head = compute + n_seq_max * model.n_vocab * 4 if mtp else 0  # its context: at most the model's buffers
+    # the head's context: a model's buffers without the rollback states, logits for each sequence
+    head = _llama_compute(model, n_kv, ubatch, n_seq_max, n_seq_max, flash_attn) + n_seq_max * model.n_vocab * 4
+    head = head if mtp else 0
     return MemoryEstimate(
         context=context,
         weights=model.weights,
