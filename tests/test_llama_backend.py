@@ -160,7 +160,7 @@ def test_cancel_threads_and_other_generations_keep_the_chat(llm):
     chunk = llm.runtime.prefill_chunk
     llm.runtime.prefill_chunk = 4
     try:
-        for event in chat.stream("A long message " * 8):
+        for event in chat.stream("A long message " * 40):  # 30 chunks: cancelled well before the last
             if isinstance(event, PrefillProgress):
                 chat.cancel()
     finally:
