@@ -15,6 +15,18 @@ from rich.table import Table
 from mlxqwen.config import parse_config
 from mlxqwen.models import build_model
 
+# short chat questions the demo model answers (and any model takes)
+QUESTIONS = [
+    "What is 12 + 30?",
+    "Tell me about the moon.",
+    "What is 345 + 678?",
+    "Convert 5 km to meters.",
+    "What is the capital of Japan?",
+    "What is 91 - 17?",
+    "Explain rain.",
+    "What is 23 * 4?",
+]
+
 
 def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     return {

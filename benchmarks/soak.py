@@ -45,7 +45,7 @@ from pathlib import Path
 
 import httpx
 import mlx.core as mx
-from common import print_table
+from common import QUESTIONS, print_table
 
 import mlxqwen
 from mlxqwen import demo
@@ -55,16 +55,6 @@ from mlxqwen.llm import last
 
 MiB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
-QUESTIONS = [
-    "What is 12 + 30?",
-    "Tell me about the moon.",
-    "What is 345 + 678?",
-    "Convert 5 km to meters.",
-    "What is the capital of Japan?",
-    "What is 91 - 17?",
-    "Explain rain.",
-    "What is 23 * 4?",
-]
 LONG = " ".join(f"Fact {i}: {q}" for i, q in enumerate(QUESTIONS * 12)) + " Now answer the last one."
 SHORT_TOKENS, LONG_TOKENS = 12, 96
 
