@@ -154,7 +154,7 @@ def projection(streams: int) -> tuple[float, float]:
             "max_position_embeddings": 262144,
         }
     )
-    plan = memory.estimate(cfg, 4096, weights=int(15.5e9), dtype=mx.bfloat16)
+    plan = memory.mlx_estimate(cfg, 4096, weights=int(15.5e9), dtype=mx.bfloat16)
     per_sequence = plan.kv_cache + plan.recurrent_state
     step = (plan.weights + streams * per_sequence) / 546e9
     one = (plan.weights + per_sequence) / 546e9
@@ -168,9 +168,9 @@ def build(tmp: Path, hidden: int, layers: int, backends: list[str]) -> dict[str,
         shutil.copy(TOKENIZER / name, path / name)
     models = {"mlx": path}
     if "llama.cpp" in backends:
-        from mlxqwen.convert.gguf import convert_to_gguf
+        from mlxqwen.convert import convert
 
-        models["llama.cpp"] = convert_to_gguf(path, tmp / f"q4-{hidden}.gguf", "Q4_K_M")
+        models["llama.cpp"] = convert(path, tmp / f"q4-{hidden}.gguf", to="gguf", quant="Q4_K_M").output
     return models
 
 

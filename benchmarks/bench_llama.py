@@ -30,7 +30,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 from common import print_table, qwen3_5_config, write_checkpoint
-from mlxqwen.convert.gguf import convert_to_gguf
+from mlxqwen.convert import convert
 
 import mlxqwen
 from mlxqwen.backends.llama_cpp import default_threads, model_params
@@ -77,7 +77,7 @@ def build_gguf(arch: str, workdir: Path) -> Path:
     src = write_checkpoint(workdir / f"{arch}-mlx", CONFIGS[arch]())
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(TOKENIZER / name, src / name)
-    convert_to_gguf(src, out, "Q4_K_M")
+    convert(src, out, to="gguf", quant="Q4_K_M")
     shutil.rmtree(src)
     return out
 

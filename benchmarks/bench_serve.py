@@ -35,22 +35,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from common import print_table, qwen3_5_config, write_checkpoint
+from common import QUESTIONS, print_table, qwen3_5_config, write_checkpoint
 
 from mlxqwen import demo
 
 TOKENIZER = Path(__file__).parents[1] / "tests" / "fixtures" / "qwen3-tokenizer"
 
-QUESTIONS = [
-    "What is 12 + 30?",
-    "Tell me about the moon.",
-    "What is 345 + 678?",
-    "Convert 5 km to meters.",
-    "What is the capital of Japan?",
-    "What is 91 - 17?",
-    "Explain rain.",
-    "What is 23 * 4?",
-]
 # llama-cpp-python's server, run with mlxqwen's llama.cpp model parameters (see tests/conftest.py)
 _LLAMA_SERVER = (
     "import sys, llama_cpp.llama_cpp as l; from mlxqwen.backends.llama_cpp import model_params; "

@@ -15,6 +15,18 @@ from rich.table import Table
 from mlxqwen.config import parse_config
 from mlxqwen.models import build_model
 
+# short chat questions the demo model answers (and any model takes)
+QUESTIONS = [
+    "What is 12 + 30?",
+    "Tell me about the moon.",
+    "What is 345 + 678?",
+    "Convert 5 km to meters.",
+    "What is the capital of Japan?",
+    "What is 91 - 17?",
+    "Explain rain.",
+    "What is 23 * 4?",
+]
+
 
 def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     return {
@@ -64,11 +76,13 @@ def qwen3_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     }
 
 
-def write_checkpoint(path: Path, config: dict, bits: int | None = 4, group_size: int = 64) -> Path:
+def write_checkpoint(path: Path, config: dict, bits: int | None = 4, group_size: int = 64, mtp: bool = False) -> Path:
     """Random weights in bf16, quantized like mlx-lm does (scales stored in bf16) unless bits is None,
-    written in mlx-lm's format."""
+    written in mlx-lm's format; with `mtp`, a random MTP head (`mtp.*`) too."""
     path.mkdir(parents=True, exist_ok=True)
-    model = build_model(parse_config(config))
+    if mtp:
+        config = {**config, "text_config": {**config["text_config"], "mtp_num_hidden_layers": 1}}
+    model = build_model(parse_config(config), mtp=mtp)
     for layer in model.layers:
         if layer.is_linear:
             layer.linear_attn.A_log = mx.log(mx.random.uniform(1.0, 16.0, layer.linear_attn.A_log.shape))

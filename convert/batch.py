@@ -28,11 +28,14 @@ from typing import Any
 
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
-from mlxqwen.errors import ModelLoadError
+from mlxqwen.display import format_size
+from mlxqwen.errors import ConvertError
+from mlxqwen.library import disk_size
 
-from .api import ConvertResult, convert, default_output, format_options, label, output_format
-from .errors import ConvertError
+from .api import convert, default_output, format_options, label, output_format
+from .format import ConvertResult
 from .progress import add_task
 
 if sys.version_info >= (3, 11):
@@ -81,7 +84,7 @@ def load_manifest(path: Path) -> list[Entry]:
     for i, raw in enumerate(raw_entries):
         # a default applies to the entries whose format takes it (group_size: MLX, quant: GGUF)
         to = raw.get("to", defaults.get("to", "mlx"))
-        takes = set(_ENTRY_KEYS) | set(output_format(to, f"{path}: entry {i + 1}").OPTIONS)
+        takes = set(_ENTRY_KEYS) | set(output_format(to, f"{path}: entry {i + 1}").options)
         used |= takes
         entries.append(_entry(path, i + 1, {**{k: v for k, v in defaults.items() if k in takes}, **raw}))
     unknown = sorted(set(defaults) - used)
@@ -100,7 +103,7 @@ def _entry(manifest: Path, number: int, raw: dict[str, Any]) -> Entry:
         source = str(base / source)
     to = raw.get("to", "mlx")
     options = {k: v for k, v in raw.items() if k not in _ENTRY_KEYS}
-    if "eval" in output_format(to, where).OPTIONS:
+    if "eval" in output_format(to, where).options:
         options.setdefault("eval", True)
     format_options(to, options, where)  # reject bad options before anything runs
     if raw.get("output"):
@@ -138,7 +141,7 @@ def _run(entry: Entry, progress: Progress) -> Outcome:
             **entry.options,
         )
         return Outcome(entry, "converted", result, seconds=result.seconds)
-    except (ConvertError, ModelLoadError) as e:
+    except ConvertError as e:
         return Outcome(entry, "failed", error=str(e), seconds=time.perf_counter() - start)
     except Exception as e:  # an unexpected failure of one entry must not stop the others
         return Outcome(entry, "failed", error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
@@ -156,15 +159,15 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     for o in outcomes:
         r, q = o.result, o.result.quality if o.result else None
         recipe = r.recipe if r else label(o.entry.to, **o.entry.options)
-        size = r.size_bytes if r else _size(o.entry.output) if o.status == "skipped" else None
-        status = {"converted": "[green]ok", "skipped": "[yellow]skipped (exists)"}.get(
-            o.status, f"[red]failed: {o.error}"
+        size = r.size_bytes if r else disk_size(o.entry.output) if o.status == "skipped" else None
+        status = {"converted": Text("ok", "green"), "skipped": Text("skipped (exists)", "yellow")}.get(
+            o.status, Text(f"failed: {o.error}", "red")
         )
         table.add_row(
             o.entry.name,
             recipe,
             _shown(o.entry.output),
-            f"{size / 1e9:.2f} GB" if size is not None else "-",
+            format_size(size) if size is not None else "-",
             f"{r.bits_per_weight:.2f}" if r else "-",
             f"{q.kl:.4f}" if q else "-",
             f"{q.top1:.1%}" if q else "-",
@@ -179,7 +182,3 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -8,6 +8,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from mlxqwen import __version__
+from mlxqwen.display import format_size
 
 from .quality import Quality
 from .source import Source
@@ -42,7 +43,7 @@ def write_card(
         "| | |",
         "|---|---|",
         f"| Recipe | {recipe} |",
-        f"| Size | {size_bytes / 1e9:.2f} GB in {shards} shard{'s' if shards > 1 else ''} |",
+        f"| Size | {format_size(size_bytes)} in {shards} shard{'s' if shards > 1 else ''} |",
         f"| Bits per weight | {bits_per_weight:.2f} |",
     ]
     if quality is not None:

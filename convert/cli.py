@@ -6,40 +6,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
+from mlxqwen.cli import console
+from mlxqwen.display import format_size
+from mlxqwen.errors import ConvertError
 
-from mlxqwen.errors import ModelLoadError
-
-from .api import FORMATS, convert, output_format
+from .api import FORMATS, convert
 from .batch import run_batch, summary_table
-from .errors import ConvertError
 from .progress import make_progress
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert a Hugging Face Qwen model (local or from the Hub) to MLX, quantized",
-        description="Convert a Hugging Face Qwen checkpoint into an MLX directory (mlx-lm's format), "
-        "streaming tensor by tensor, or run a batch of conversions from a TOML manifest.",
+        help="convert a Hugging Face Qwen model (local or from the Hub) to MLX, quantized, or to GGUF",
+        description="Convert a Hugging Face Qwen checkpoint into an MLX directory (mlx-lm's format) or a GGUF "
+        "file, streaming tensor by tensor, or run a batch of conversions from a TOML manifest.",
     )
-    p.add_argument("source", nargs="?", help="local Hugging Face directory or Hub repo id (e.g. Qwen/Qwen3.6-27B)")
+    p.add_argument(
+        "source", nargs="?", help="local Hugging Face directory, local model name (mlxqwen list) or Hub repo id"
+    )
     p.add_argument("-o", "--output", help="output path (default: NAME-RECIPE in the working directory)")
     p.add_argument("--to", choices=list(FORMATS), default="mlx", help="output format (default mlx)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--batch", metavar="FILE.toml", help="run the conversions listed in a TOML manifest")
     added = set()
-    for to in FORMATS:
-        try:
-            options = output_format(to).OPTIONS
-        except ConvertError:  # its dependencies are missing: `--to` says so when it is asked for
-            continue
-        group = p.add_argument_group(f"--to {to}")
-        for name, spec in options.items():
+    for fmt in FORMATS.values():
+        group = p.add_argument_group(f"--to {fmt.name}")
+        for name, spec in fmt.options.items():
             if name not in added:  # an option shared by several formats is one flag
-                spec = {k: v for k, v in spec.items() if k != "default"}
-                group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, **spec)
+                flag = f"--{name.replace('_', '-')}"
+                group.add_argument(flag, dest=name, default=argparse.SUPPRESS, **spec.argparse_kwargs())
                 added.add(name)
     p.set_defaults(func=run, format_options=added)
 
@@ -49,28 +46,25 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.batch) == bool(args.source):
         print("mlxqwen convert: error: give either SOURCE or --batch FILE.toml", file=sys.stderr)
         return 2
-    console = Console()
+    out = console()
     try:
         if args.batch:
             if options or args.output or args.revision or args.force or args.to != "mlx":
                 raise ConvertError(
                     "--batch: put options in the manifest's [defaults] or entries, not on the command line"
                 )
-            with make_progress() as progress:
+            with make_progress(console(stderr=True)) as progress:
                 outcomes = run_batch(Path(args.batch).expanduser(), progress)
-            console.print(summary_table(outcomes))
+            out.print(summary_table(outcomes))
             return 1 if any(o.status == "failed" for o in outcomes) else 0
         result = convert(args.source, args.output, to=args.to, revision=args.revision, force=args.force, **options)
-    except (ConvertError, ModelLoadError) as e:
-        print(f"mlxqwen convert: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("mlxqwen convert: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
-    console.print(
-        f"{result.output}: {result.recipe}, {result.size_bytes / 1e9:.2f} GB, "
+    out.print(
+        f"{result.output}: {result.recipe}, {format_size(result.size_bytes)}, "
         f"{result.bits_per_weight:.2f} bits/weight, {result.seconds:.1f} s"
     )
     if result.quality is not None:
-        console.print(f"quality: {result.quality.summary()}")
+        out.print(f"quality: {result.quality.summary()}")
     return 0

@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 from rich.progress import Progress
 
-from mlxqwen.loader import cast_weights
+from mlxqwen.config import ModelConfig
+from mlxqwen.errors import ConvertError, option
+from mlxqwen.loader import cast_weights, default_dtype
+from mlxqwen.models import build_model
 
-from .api import ConvertResult
 from .card import write_card
-from .errors import ConvertError
+from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
-from .progress import add_task
+from .progress import add_task, bytes_done
 from .quality import calibration_tokens, evaluate
 from .reader import SourceCheckpoint
 from .recipes import DEFAULT_RECIPE, GROUP_SIZES, RECIPES
@@ -31,22 +35,6 @@ from .shards import ShardWriter
 from .source import Source
 
 DTYPES = ("bfloat16", "float16", "float32")
-
-OPTIONS: dict[str, dict[str, Any]] = {
-    "recipe": {
-        "choices": list(RECIPES),
-        "default": DEFAULT_RECIPE,
-        "help": f"quantization recipe (default {DEFAULT_RECIPE})",
-    },
-    "group_size": {"type": int, "choices": GROUP_SIZES, "default": 64, "help": "quantization group size (default 64)"},
-    "dtype": {"choices": DTYPES, "help": "dtype of the unquantized tensors (default: the source's)"},
-    "vision": {"action": "store_true", "help": "copy the vision tower, unquantized (dropped by default)"},
-    "shard_size": {"type": float, "default": 5.0, "help": "largest output shard, GB (default 5)"},
-    "eval": {
-        "action": "store_true",
-        "help": "measure KL divergence, top-1 agreement and perplexity against the source",
-    },
-}
 
 # Files copied from the source next to the weights.
 COPY_PATTERNS = (
@@ -75,98 +63,129 @@ _TOP_LEVEL = (
 )
 
 
-def label(recipe: str = DEFAULT_RECIPE, group_size: int = 64, **_: Any) -> str:
-    return recipe if group_size == 64 or recipe == "none" else f"{recipe}-g{group_size}"
+class MlxFormat(OutputFormat):
+    name = "mlx"
+    options = {
+        "recipe": Option(f"quantization recipe (default {DEFAULT_RECIPE})", DEFAULT_RECIPE, choices=tuple(RECIPES)),
+        "group_size": Option("quantization group size (default 64)", 64, int, GROUP_SIZES),
+        "dtype": Option("dtype of the unquantized tensors (default: the source's)", choices=DTYPES),
+        "vision": Option("copy the vision tower, unquantized (dropped by default)", False, switch=True),
+        "shard_size": Option("largest output shard, GB (default 5)", 5.0, float),
+        "eval": Option("measure KL divergence, top-1 agreement and perplexity against the source", False, switch=True),
+    }
+
+    def label(self, options: dict[str, Any]) -> str:
+        recipe, group_size = options["recipe"], options["group_size"]
+        return recipe if group_size == 64 or recipe == "none" else f"{recipe}-g{group_size}"
+
+    def default_output(self, name: str, options: dict[str, Any]) -> str:
+        return f"{name}-{self.label(options)}"
+
+    def convert(
+        self, source: Source, output: Path, options: dict[str, Any], *, force: bool, progress: Progress | None
+    ) -> ConvertResult:
+        start = time.perf_counter()
+        recipe, group_size, vision = options["recipe"], options["group_size"], options["vision"]
+        if options["shard_size"] <= 0:
+            raise ConvertError(f"{option('shard_size', options['shard_size'])}: must be a positive number of GB")
+        plan = RECIPES[recipe]
+        checkpoint = SourceCheckpoint.open(source.path)
+        if checkpoint.cfg.mlx_quantization:
+            raise ConvertError(
+                f"{source.path / 'config.json'}: checkpoint is already quantized (MLX); convert the bf16 or FP8 "
+                "release, or run this one as it is"
+            )
+        # fails before converting when the tokenizer does not fit the model
+        tokens = calibration_tokens(source.path, checkpoint.cfg.vocab_size) if options["eval"] else []
+        out_dtype = getattr(mx, options["dtype"] or _source_dtype(checkpoint.cfg))
+        decoder, mtp, vision_tower = checkpoint.tensors()
+        shapes = {name: v.shape for name, v in {**decoder, **mtp}.items()}
+        bits = tensor_bits(shapes, checkpoint.cfg, recipe, group_size)
+        tensors = {**decoder, **mtp, **(vision_tower if vision else {})}
+        del decoder, mtp, vision_tower  # the loop below must hold the only reference to each tensor
+        tensors = cast_weights(tensors, out_dtype)
+        quantization = {"group_size": group_size, "bits": plan.bits, "mode": "affine"}
+        for name, b in bits.items():
+            if b and b != plan.bits:
+                quantization[name.removesuffix(".weight")] = {"group_size": group_size, "bits": b, "mode": "affine"}
+
+        with staged(output, force, source.path) as tmp:
+            tmp.mkdir()
+            check_free_space(tmp.parent, _output_bytes(tensors, bits, group_size))
+            writer = ShardWriter(tmp, int(options["shard_size"] * 2**30))
+            total = sum(v.nbytes for v in tensors.values())
+            task = add_task(progress, f"convert {source.name}", total) if progress is not None else None
+            params = done = 0
+            for name in list(tensors):
+                value = tensors.pop(name)
+                if bits.get(name):
+                    path = name.removesuffix(".weight")
+                    packed = mx.quantize(value, group_size, bits[name])
+                    arrays = dict(zip((f"{path}.weight", f"{path}.scales", f"{path}.biases"), packed, strict=True))
+                else:
+                    arrays = {name: value}
+                mx.eval(*arrays.values())
+                for key, array in arrays.items():
+                    writer.add(key, array)
+                params, done = params + value.size, done + value.nbytes
+                del value, arrays
+                if task is not None:
+                    progress.update(task, completed=done, info=bytes_done(done, total))
+            files = writer.finish()
+            config = output_config(checkpoint.raw, quantization if plan.bits else None, vision, out_dtype)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            _copy_files(source.path, tmp, vision)
+            bits_per_weight = writer.total_bytes * 8 / params
+            quality = evaluate(checkpoint, tmp, tokens, progress) if options["eval"] else None
+            description = f"`{self.label(options)}`: {plan.description}"
+            if plan.bits:
+                description += f", group size {group_size}"
+            description += f"; unquantized tensors in {_dtype_name(out_dtype)}"
+            write_card(tmp, output.name, source, description, writer.total_bytes, len(files), bits_per_weight, quality)
+        return ConvertResult(
+            output=output,
+            recipe=self.label(options),
+            size_bytes=writer.total_bytes,
+            bits_per_weight=bits_per_weight,
+            seconds=time.perf_counter() - start,
+            quality=quality,
+        )
 
 
-def default_output(name: str, recipe: str = DEFAULT_RECIPE, group_size: int = 64, **_: Any) -> str:
-    return f"{name}-{label(recipe, group_size)}"
+MLX = MlxFormat()
 
 
-def convert(
-    source: Source,
-    output: Path,
-    *,
-    force: bool = False,
-    progress: Progress | None = None,
-    recipe: str = DEFAULT_RECIPE,
-    group_size: int = 64,
-    dtype: str | None = None,
-    vision: bool = False,
-    shard_size: float = 5.0,
-    eval: bool = False,
-) -> ConvertResult:
-    start = time.perf_counter()
-    if shard_size <= 0:
-        raise ConvertError(f"shard_size = {shard_size}: must be a positive number of GB")
+def tensor_bits(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, recipe: str, group_size: int) -> dict[str, int]:
+    """The bits `recipe` gives each tensor (0: left unquantized), by our module tree's names."""
     plan = RECIPES[recipe]
-    checkpoint = SourceCheckpoint.open(source.path)
-    tokens = calibration_tokens(source.path, checkpoint.cfg.vocab_size) if eval else []  # fail before converting
-    out_dtype = getattr(mx, dtype or _source_dtype(checkpoint.raw))
-    decoder, mtp, vision_tower = checkpoint.tensors()
-    layers = checkpoint.cfg.num_hidden_layers
-    bits = {name: plan.bits_for(name, v.shape, group_size, layers) for name, v in {**decoder, **mtp}.items()}
-    tensors = {**decoder, **mtp, **(vision_tower if vision else {})}
-    del decoder, mtp, vision_tower  # the loop below must hold the only reference to each tensor
-    tensors = cast_weights(tensors, out_dtype)
-    quantization = {"group_size": group_size, "bits": plan.bits, "mode": "affine"}
-    for name, b in bits.items():
-        if b and b != plan.bits:
-            quantization[name.removesuffix(".weight")] = {"group_size": group_size, "bits": b, "mode": "affine"}
+    return {name: plan.bits_for(name, shape, group_size, cfg.num_hidden_layers) for name, shape in shapes.items()}
 
-    with staged(output, force, source.path) as tmp:
-        tmp.mkdir()
-        check_free_space(tmp.parent, _output_bytes(tensors, bits, group_size))
-        writer = ShardWriter(tmp, int(shard_size * 2**30))
-        total = sum(v.nbytes for v in tensors.values())
-        task = add_task(progress, f"convert {source.name}", total) if progress is not None else None
-        params = done = 0
-        for name in list(tensors):
-            value = tensors.pop(name)
-            if bits.get(name):
-                path = name.removesuffix(".weight")
-                packed = mx.quantize(value, group_size, bits[name])
-                arrays = dict(zip((f"{path}.weight", f"{path}.scales", f"{path}.biases"), packed, strict=True))
-            else:
-                arrays = {name: value}
-            mx.eval(*arrays.values())
-            for key, array in arrays.items():
-                writer.add(key, array)
-            params, done = params + value.size, done + value.nbytes
-            del value, arrays
-            if task is not None:
-                progress.update(task, completed=done, info=f"{done / 1e9:.2f}/{total / 1e9:.2f} GB")
-        files = writer.finish()
-        config = output_config(checkpoint.raw, quantization if plan.bits else None, vision, out_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_files(source.path, tmp, vision)
-        bits_per_weight = writer.total_bytes * 8 / params
-        quality = evaluate(checkpoint, tmp, tokens, progress) if eval else None
-        description = f"`{label(recipe, group_size)}`: {plan.description}"
-        if plan.bits:
-            description += f", group size {group_size}"
-        description += f"; unquantized tensors in {_dtype_name(out_dtype)}"
-        write_card(tmp, output.name, source, description, writer.total_bytes, len(files), bits_per_weight, quality)
-    return ConvertResult(
-        output=output,
-        recipe=label(recipe, group_size),
-        size_bytes=writer.total_bytes,
-        bits_per_weight=bits_per_weight,
-        seconds=time.perf_counter() - start,
-        quality=quality,
-    )
+
+def planned_model(
+    cfg: ModelConfig, recipe: str = DEFAULT_RECIPE, group_size: int = 64, dtype: mx.Dtype | None = None
+) -> nn.Module:
+    """The decoder as `recipe` would convert it, built lazily from the config alone (no weight is
+    read or computed) and computing in `dtype` (default: this machine's): what a memory estimate
+    needs before anything is downloaded."""
+    model = build_model(cfg)
+    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), dtype or default_dtype()).items()))
+    shapes = {name: value.shape for name, value in tree_flatten(model.parameters())}
+    bits = tensor_bits(shapes, cfg, recipe, group_size)
+
+    def quantized(path: str, module: nn.Module):
+        b = bits.get(f"{path}.weight", 0) if hasattr(module, "to_quantized") else 0
+        return {"group_size": group_size, "bits": b, "mode": "affine"} if b else False
+
+    nn.quantize(model, class_predicate=quantized)
+    return model
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).removeprefix("mlx.core.")
 
 
-def _source_dtype(raw: dict[str, Any]) -> str:
-    text = raw.get("text_config") or {}
-    for name in (raw.get("dtype"), raw.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
-        if name in DTYPES:
-            return name
-    return "bfloat16"
+def _source_dtype(cfg: ModelConfig) -> str:
+    return cfg.dtype if cfg.dtype in DTYPES else "bfloat16"
 
 
 def _output_bytes(tensors: dict[str, mx.array], bits: dict[str, int], group_size: int) -> int:

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConvertError
+from mlxqwen.display import format_size
+from mlxqwen.errors import ConvertError, option
 
 
 def check_output(output: Path, force: bool, source: Path | None = None) -> None:
@@ -22,14 +23,14 @@ def check_output(output: Path, force: bool, source: Path | None = None) -> None:
         if out == src or out in src.parents or src in out.parents:
             raise ConvertError(f"{output}: the output must not be, contain, or lie inside the source {source}")
     if output.exists() and not force:
-        raise ConvertError(f"{output}: already exists; pass --force to replace it")
+        raise ConvertError(f"{output}: already exists; pass {option('force')} to replace it")
 
 
 def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise ConvertError(
-            f"{directory}: not enough free disk space ({needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free)"
+            f"{directory}: not enough free disk space ({format_size(needed)} needed, {format_size(free)} free)"
         )
 
 

@@ -18,12 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from rich.progress import Progress
 
+from mlxqwen.errors import ConvertError
 from mlxqwen.loader import cast_weights, default_dtype, load_model
 from mlxqwen.models import build_model
 from mlxqwen.tokenizer import Tokenizer
 
 from .calibration import TEXT
-from .errors import ConvertError
 from .progress import add_task
 from .reader import SourceCheckpoint
 

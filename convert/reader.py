@@ -1,8 +1,12 @@
-"""A source checkpoint as lazy MLX arrays in our module tree's names and layouts.
+"""A source checkpoint as lazy MLX arrays in our module tree's names and layouts, whatever its
+kind: Hugging Face weights (bf16, fp16, fp32), Qwen's FP8 releases, or an MLX directory in
+mlx-lm's quantized format. Quantized weights come out dequantized, so every output format
+reads every source the same way (whether a format accepts an already quantized source is its
+own choice).
 
-Nothing is read here: MLX loads a tensor from its shard only when something that
-depends on it is evaluated, so the converter (and the quality report) can walk a
-checkpoint larger than memory one tensor (or one layer) at a time."""
+Nothing is read here: MLX loads a tensor from its shard only when something that depends on
+it is evaluated, so the converter (and the quality report) can walk a checkpoint larger than
+memory one tensor (or one layer) at a time."""
 
 from __future__ import annotations
 
@@ -16,11 +20,10 @@ import mlx.nn as nn
 
 from mlxqwen.checkpoint import read_config, read_weights, safetensors_header
 from mlxqwen.config import ModelConfig, parse_config
+from mlxqwen.errors import ConvertError
 from mlxqwen.loader import check_weights
 from mlxqwen.models import build_model
 from mlxqwen.models.moe import stack_experts
-
-from .errors import ConvertError
 
 MTP_PREFIX = "mtp."
 VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.")
@@ -38,19 +41,16 @@ class SourceCheckpoint:
     def open(cls, path: Path) -> SourceCheckpoint:
         raw = read_config(path)
         cfg = parse_config(raw, str(path / "config.json"))
-        quant = raw.get("quantization") or raw.get("quantization_config")
-        if quant and quant.get("quant_method") != "fp8":
-            method = quant.get("quant_method", "MLX")
-            raise ConvertError(
-                f"{path / 'config.json'}: checkpoint is already quantized ({method}); convert the bf16 or FP8 release"
-            )
         return cls(path, raw, cfg, build_model(cfg))
 
     def tensors(self) -> tuple[dict[str, mx.array], dict[str, mx.array], dict[str, mx.array]]:
         """(decoder, mtp, vision): the decoder sanitized into our module tree (checked against the
         config); the MTP head in Hugging Face names with experts stacked like the decoder's; the
-        vision tower as stored. FP8 weights come out dequantized (fp32)."""
+        vision tower as stored. FP8 weights come out dequantized in fp32, MLX-quantized ones in
+        the dtype of their scales."""
         weights, origin = read_weights(self.path)
+        if self.cfg.mlx_quantization:
+            _dequantize_mlx(weights, self.cfg.mlx_quantization)
         _dequantize_fp8(weights, origin, self._fp8_block())
         mtp = {k: weights.pop(k) for k in [k for k in weights if k.startswith(MTP_PREFIX)]}
         vision = {k: weights.pop(k) for k in [k for k in weights if k.startswith(VISION_PREFIXES)]}
@@ -62,11 +62,21 @@ class SourceCheckpoint:
         return decoder, mtp, vision
 
     def _fp8_block(self) -> tuple[int, int]:
-        quant = self.raw.get("quantization_config") or {}
-        if isinstance(self.raw.get("text_config"), dict):
-            quant = quant or self.raw["text_config"].get("quantization_config") or {}
-        block = quant.get("weight_block_size") or (128, 128)
+        block = (self.cfg.quantization or {}).get("weight_block_size") or (128, 128)
         return int(block[0]), int(block[1])
+
+
+def _dequantize_mlx(weights: dict[str, mx.array], quantization: dict[str, Any]) -> None:
+    """mlx-lm's packed weights (`weight`, `scales`, `biases`) back to one `weight` each, with the
+    module's own group size and bits where the config overrides them."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits")} | {"mode": quantization.get("mode", "affine")}
+    for scales in [k for k in weights if k.endswith(".scales")]:
+        path = scales.removesuffix(".scales")
+        override = quantization.get(path)
+        params = {**defaults, **(override if isinstance(override, dict) else {})}
+        weights[f"{path}.weight"] = mx.dequantize(
+            weights[f"{path}.weight"], weights.pop(scales), weights.pop(f"{path}.biases", None), **params
+        )
 
 
 def dequantize_fp8(weight: mx.array, scale_inv: mx.array, block: tuple[int, int]) -> mx.array:

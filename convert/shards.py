@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ConvertError
+from mlxqwen.errors import ConvertError
 
 
 class ShardWriter:

@@ -55,7 +55,8 @@ class KVCache:
         self.offset -= fed - accepted
 
     def snapshot(self) -> tuple[Any, Any, int]:
-        # Slices, not the arrays themselves: `update_and_fetch` writes into those objects in place.
+        # Copies of the rows in use: `update_and_fetch` writes into the arrays in place, and a
+        # slice would keep the whole buffer (grown `step` rows at a time) alive while it is kept.
         return _head(self.keys, self.offset), _head(self.values, self.offset), self.offset
 
     def restore(self, snapshot: tuple[Any, Any, int]) -> None:
@@ -72,8 +73,8 @@ class KVCache:
 
 def _head(stored: mx.array | tuple[mx.array, ...] | None, n: int) -> Any:
     if stored is None or isinstance(stored, mx.array):
-        return None if stored is None else stored[..., :n, :]
-    return tuple(part[..., :n, :] for part in stored)
+        return None if stored is None else mx.contiguous(stored[..., :n, :])
+    return tuple(mx.contiguous(part[..., :n, :]) for part in stored)
 
 
 class QuantizedKVCache(KVCache):

@@ -1,4 +1,5 @@
-"""Reading a checkpoint directory: config.json and safetensors shards, checked before use.
+"""Reading a checkpoint directory: its JSON files (config, generation config, tokenizer config)
+and safetensors shards, checked before use.
 
 Tensors are opened lazily (memory-mapped by MLX), so reading never holds the whole
 checkpoint twice."""
@@ -6,6 +7,7 @@ checkpoint twice."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -14,15 +16,29 @@ import mlx.core as mx
 
 from .errors import ModelLoadError
 
+GGUF_MAGIC = b"GGUF"
+# the parts after the first of a split model (llama.cpp opens the first and finds the rest)
+_LATER_SPLIT = re.compile(r"-(?!00001-)\d{5}-of-\d{5}\.gguf$")
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or {} when the file is absent."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object")
+    return data
+
 
 def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.is_file():
         raise ModelLoadError(f"{file}: not found; a model directory needs its config.json")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    return read_json(file)
 
 
 def safetensors_header(file: Path) -> dict[str, Any]:
@@ -81,3 +97,30 @@ def read_weights(path: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
         weights.update(tensors)
         origin.update(dict.fromkeys(tensors, file))
     return weights, origin
+
+
+def is_gguf(file: Path) -> bool:
+    """Whether `file` is a GGUF file: by its name, or by its first bytes whatever its name."""
+    if file.suffix == ".gguf":
+        return True
+    try:
+        with open(file, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF model that `path` is, or that the directory `path` holds (None: no GGUF).
+    Vision projectors (mmproj-*.gguf) and the later parts of a split model don't count."""
+    if path.is_file():
+        return path if is_gguf(path) else None
+    if not path.is_dir():
+        return None
+    found = sorted(
+        f for f in path.glob("*.gguf") if not f.name.startswith("mmproj") and not _LATER_SPLIT.search(f.name)
+    )
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise ModelLoadError(f"{path}: several GGUF models ({names}); pass the file to load")
+    return found[0] if found else None

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, option
 
 # config.json model_type -> architecture family implemented in mlxqwen.models
 MODEL_TYPES = {
@@ -76,18 +76,24 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel_dim: int = 4
+    # How the checkpoint stores its weights: `quantization` is mlx-lm's section (bits, group
+    # size, per-module overrides) or a Hugging Face `quantization_config` (FP8's: `quant_method`
+    # "fp8"), None when the weights are plain; `dtype` is what config.json names ("bfloat16", ...).
+    quantization: dict[str, Any] | None = None
+    dtype: str | None = None
     mtp_layers: int = 0  # multi-token-prediction layers of the checkpoint (Qwen3.5's `mtp.*`)
     # The config.json as written, for tools that copy or extend it (converter).
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def mlx_quantization(self) -> dict[str, Any] | None:
+        """The quantization section when the weights are packed by `mx.quantize` (mlx-lm's format)."""
+        return self.quantization if self.quantization and "bits" in self.quantization else None
 
     def is_moe_layer(self, index: int) -> bool:
         if self.num_experts <= 0 or index in self.mlp_only_layers:
             return False
         return (index + 1) % self.decoder_sparse_step == 0
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        return self.raw.get("quantization") or self.raw.get("quantization_config")
 
 
 def _rope_from(text: dict[str, Any], source: str) -> RopeConfig:
@@ -187,6 +193,8 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfi
         linear_key_head_dim=int(text.get("linear_key_head_dim") or 0),
         linear_value_head_dim=int(text.get("linear_value_head_dim") or 0),
         linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim") or 4),
+        quantization=raw.get("quantization") or raw.get("quantization_config") or text.get("quantization_config"),
+        dtype=next((d for d in (raw.get(k) or text.get(k) for k in ("dtype", "torch_dtype")) if d), None),
         mtp_layers=int(text.get("mtp_num_hidden_layers") or 0),
         raw=raw,
     )
@@ -253,4 +261,6 @@ def trained_context(cfg: ModelConfig) -> int:
 def yarn_hint(requested: int, trained: int) -> str:
     """How to ask for `requested` tokens of a model trained for `trained`: the YaRN option."""
     factor = math.ceil(requested / trained * 10) / 10
-    return f'extend it with YaRN: rope_scaling={{"rope_type": "yarn", "factor": {factor}}}'
+    return "extend it with YaRN: " + option(
+        "rope_scaling", f'{{"rope_type": "yarn", "factor": {factor}}}', literal=True
+    )

@@ -281,6 +281,9 @@ class Engine:
                     if self._stopping:
                         self._warm.clear()
                     self._idle = not (self._incoming or self._waiting or self._active or self._warm)
+                    if self._idle:
+                        self._last_step = None  # the wait is not a step's time
+                        mx.clear_cache()  # MLX keeps freed buffers for reuse; idle, they go back to the system
                     self._lock.notify_all()
                     while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
                         self._lock.wait()
@@ -575,6 +578,7 @@ class Engine:
 
     def _finish(self, stream: _Stream, reason: str, stopped: bool = False) -> None:
         handle, runtime = stream.handle, self.runtime
+        self._last_step = None  # what follows (the cache's states) is not a step's time
         if stream in self._active:
             self._active.remove(stream)
         events = stream.text.finish(stopped) if stream.text is not None else []

@@ -78,6 +78,15 @@ def assistant_message(text: str, thinking: str, tool_calls: Sequence[ToolCall]) 
     return message
 
 
+def reply_message(parts: Sequence[ThinkingDelta | TextDelta | ToolCall]) -> dict[str, Any]:
+    """The assistant message of a reply's pieces so far (one stopped, or still being written)."""
+    return assistant_message(
+        "".join(p.text for p in parts if isinstance(p, TextDelta)),
+        "".join(p.text for p in parts if isinstance(p, ThinkingDelta)),
+        [p for p in parts if isinstance(p, ToolCall)],
+    )
+
+
 @dataclass(frozen=True)
 class Done:
     """The last event of a generation: the whole reply and its stats."""

@@ -6,18 +6,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .backends import BACKENDS
-from .errors import ContextLimitError, ModelLoadError
+from .cli import console, error, note
+from .display import format_size, format_stats
 from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
-GiB = 1024**3
 BACKEND_HELP = "mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights"
+
+
+def number_arg(cast: type, low: float, rule: str, above: bool = False):
+    """An argparse type: a number of type `cast` at least `low` (above it with above=True)."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        return value
+
+    return parse
 
 
 def rope_scaling_arg(text: str) -> dict:
@@ -33,12 +47,12 @@ def rope_scaling_arg(text: str) -> dict:
     return value
 
 
-def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context") -> None:
-    """--max-context (or fit's --context), --kv-bits, --rope-scaling and --backend: what `mlxqwen.load` takes."""
+def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--max-context", mtp: bool = True) -> None:
+    """--max-context (or fit's --context), --kv-bits, --rope-scaling, --backend and (with mtp=True)
+    --no-mtp: what `mlxqwen.load` takes (`load_options` hands them over)."""
     if context_flag == "--max-context":
-        parser.add_argument(
-            "--max-context", type=int, help="context limit in tokens (default: the longest that fits in memory)"
-        )
+        parser.add_argument("--max-context", type=number_arg(int, 1, "at least 1"),
+                            help="context limit in tokens (default: the longest that fits in memory)")  # fmt: skip
     parser.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the K/V cache")
     parser.add_argument(
         "--rope-scaling",
@@ -48,17 +62,27 @@ def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--
         "(optionally with original_max_position_embeddings, the trained context)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    if mtp:
+        parser.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of `mlxqwen.load` that the options of `add_context_options` give."""
+    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
+    return {**options, "rope_scaling": args.rope_scaling, "mtp": False if args.no_mtp else "auto"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="answer one prompt", description="Answer one prompt.")
-    gen.add_argument("model", type=Path, help="model directory or .gguf file")
+    gen.add_argument("model", help="a model name from mlxqwen list, a model directory or a .gguf file")
     gen.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from stdin)")
     gen.add_argument("--system", help="system message")
-    gen.add_argument("--max-tokens", type=int, help="most tokens to generate (default: until the model stops)")
-    gen.add_argument("--temp", type=float, help="temperature (default: the model's recommended sampling)")
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--max-tokens", type=number_arg(int, 1, "at least 1"),
+                     help="most tokens to generate, thinking included (default: until the model stops)")  # fmt: skip
+    gen.add_argument("--temp", type=number_arg(float, 0, "0 or more"),
+                     help="temperature, 0 is greedy (default: the model's recommended sampling)")  # fmt: skip
+    gen.add_argument("--top-p", type=number_arg(float, 0, "above 0 and at most 1", above=True))
+    gen.add_argument("--top-k", type=number_arg(int, 0, "0 (off) or more"))
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--no-think", action="store_true", help="answer without thinking first")
@@ -71,24 +95,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit = subparsers.add_parser(
         "fit",
         help="check that a model fits in memory",
-        description="Memory estimate, as mlxqwen.load checks it. MODEL may be a model directory (a config.json "
-        "alone will do: the weights' size follows from it), a .gguf file, or a directory with GGUF weights.",
+        description="Memory estimate, as mlxqwen.load checks it. MODEL may be a name from mlxqwen list, a model "
+        "directory (a config.json alone will do: the weights' size follows from it), a .gguf file, or a directory "
+        "with GGUF weights.",
     )
-    fit.add_argument("model", type=Path, help="model directory or .gguf file")
-    fit.add_argument("--context", type=int, help="context length in tokens (default: the model's maximum)")
-    add_context_options(fit, "--context")
+    fit.add_argument("model", help="a model name from mlxqwen list, a model directory or a .gguf file")
+    fit.add_argument("--context", type=number_arg(int, 1, "at least 1"),
+                     help="context length in tokens (default: the model's maximum)")  # fmt: skip
+    add_context_options(fit, "--context", mtp=False)
     fit.set_defaults(func=run_fit)
-
-
-def _error(console: Console, error: Exception) -> None:
-    """One line, as the error says it (no wrapping, no markup read into it)."""
-    console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from .backends import load
+    from .notes import collect, first_time
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     overrides = {
         k: v
@@ -97,30 +119,20 @@ def run_generate(args: argparse.Namespace) -> int:
         ).items()
         if v is not None
     }
-    try:
-        with err.status(f"Loading {args.model}"):
-            llm = load(
-                args.model,
-                backend=args.backend,
-                max_context=args.max_context,
-                kv_bits=args.kv_bits,
-                rope_scaling=args.rope_scaling,
-            )
-        events = llm.stream(
-            prompt,
-            system=args.system,
-            think=False if args.no_think else None,
-            raw=args.raw,
-            stop=tuple(args.stop),
-            **overrides,
-        )
-        done = _print_events(events, args, err)
-    except (ModelLoadError, ContextLimitError, ValueError) as e:
-        _error(err, e)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    s = done.stats
+    with err.status(f"Loading {args.model}"), collect() as notes:
+        llm = load(args.model, **load_options(args))
+    events = llm.stream(
+        prompt,
+        system=args.system,
+        think=False if args.no_think else None,
+        raw=args.raw,
+        stop=tuple(args.stop),
+        **overrides,
+    )
+    done = _print_events(events, args, err)
+    for text in notes:  # advice once the answer is there: never before an error
+        if first_time(text):
+            note("generate", text)
     if args.json:
         print(
             json.dumps(
@@ -128,22 +140,33 @@ def run_generate(args: argparse.Namespace) -> int:
                     "text": done.text,
                     "thinking": done.thinking,
                     "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in done.tool_calls],
-                    "stats": vars(s),
+                    "stats": vars(done.stats),
                 },
                 ensure_ascii=False,
             )
         )
-    err.print(
-        f"[dim]{llm.name} | prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | "
-        f"generation: {s.generated_tokens} tokens, {s.generation_tps:.1f} tok/s | "
-        f"ttft {s.ttft:.2f} s | peak memory {s.peak_memory / GiB:.2f} GiB | {s.finish_reason}[/]"
-    )
+    err.print(f"{llm.name} · {format_stats(done.stats, detail=True)}", style="dim", markup=False)
+    if not done.text and not done.tool_calls:
+        return error("generate", _no_answer(done, args))
     return 0
 
 
+def _no_answer(done: Done, args: argparse.Namespace) -> str:
+    """Why nothing was printed, and the ways out."""
+    if not done.thinking:
+        return "the model gave an empty answer"
+    cut = " (--max-tokens reached)" if done.finish_reason == "length" else ""
+    ways = ["more room with --max-tokens", "an answer without thinking with --no-think"]
+    if not args.show_thinking:
+        ways.append("the thinking with --show-thinking")
+    return f"no answer: all {done.stats.generated_tokens} tokens went to thinking{cut}; try " + ", ".join(ways)
+
+
 def _print_events(events, args: argparse.Namespace, err: Console) -> Done:
+    """The answer and tool calls to stdout (unless --json), the thinking to stderr (with
+    --show-thinking); each output ends with a newline, and nothing is printed for no answer."""
     out = sys.stdout
-    thinking_shown = False
+    line_open = thinking_shown = False
     for event in events:
         if isinstance(event, TextDelta) and not args.json:
             if thinking_shown:
@@ -151,16 +174,21 @@ def _print_events(events, args: argparse.Namespace, err: Console) -> Done:
                 thinking_shown = False
             out.write(event.text)
             out.flush()
+            line_open = not event.text.endswith("\n")
         elif isinstance(event, ThinkingDelta) and args.show_thinking:
-            err.print(event.text, end="", style="dim", markup=False, highlight=False)
+            err.print(event.text, end="", style="dim", markup=False)
             thinking_shown = True
         elif isinstance(event, ToolCall) and not args.json:
-            out.write(f"\n[tool call] {event.name}({json.dumps(event.arguments, ensure_ascii=False)})\n")
-        elif isinstance(event, PrefillProgress):
-            err.print(f"[dim]prompt {event.done}/{event.total}[/]", end="\r")
+            call = json.dumps(event.arguments, ensure_ascii=False)
+            out.write(("\n" if line_open else "") + f"[tool call] {event.name}({call})\n")
+            line_open = False
+        elif isinstance(event, PrefillProgress) and err.is_terminal:
+            err.print(f"prompt {event.done}/{event.total}", style="dim", end="\r")
         elif isinstance(event, Done):
-            if not args.json:
+            if line_open:
                 out.write("\n")
+            if thinking_shown:
+                err.print()
             return event
     raise AssertionError("generation ended without a Done event")
 
@@ -170,16 +198,12 @@ def run_fit(args: argparse.Namespace) -> int:
     from .backends import sizing
     from .config import yarn_hint
 
-    console = Console()
-    try:
-        choice, plan = sizing(args.model, args.backend, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
-        context = args.context or plan.limit
-        estimate = plan.estimate(context)
-    except (ModelLoadError, ValueError) as e:
-        _error(Console(stderr=True), e)
-        return 1
+    out = console()
+    choice, plan = sizing(args.model, args.backend, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
+    context = args.context or plan.limit
+    estimate = plan.estimate(context)
     runtime = "llama.cpp" if choice.backend == "llama.cpp" else "MLX"
-    console.print(f"{choice.path} on {runtime} with {context:,} tokens of context", soft_wrap=True, highlight=False)
+    out.print(f"{choice.path} on {runtime} with {context:,} tokens of context")
     table = Table(show_header=False)
     for name, value in [
         ("weights", estimate.weights),
@@ -190,17 +214,13 @@ def run_fit(args: argparse.Namespace) -> int:
         ("total", estimate.total),
         ("this machine allows", estimate.budget),
     ]:
-        table.add_row(name, f"{value / GiB:.2f} GiB")
-    console.print(table)
+        table.add_row(name, format_size(value, binary=True))
+    out.print(table)
     if context > plan.limit:
-        console.print(
-            f"[red]past the {plan.limit:,} tokens this model handles[/]; {escape(yarn_hint(context, plan.trained))}",
-            soft_wrap=True,
-            highlight=False,
-        )
+        out.print(f"past the {plan.limit:,} tokens this model handles; {yarn_hint(context, plan.trained)}", style="red")
         return 1
-    console.print(("[green]" if estimate.fits else "[red]") + estimate.verdict)
+    out.print(estimate.verdict, style="green" if estimate.fits else "red")
     if not estimate.fits:
         longest = memory.largest_context(plan)
-        console.print(f"longest context that fits: {longest:,} tokens" if longest else "no context fits")
+        out.print(f"longest context that fits: {longest:,} tokens" if longest else "no context fits")
     return 0 if estimate.fits else 1

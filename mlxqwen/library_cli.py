@@ -7,10 +7,10 @@ import argparse
 import sys
 import time
 
-from rich.console import Console
 from rich.table import Table
 
-GB = 1e9
+from .cli import console, error
+from .display import format_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,77 +38,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_pull(args: argparse.Namespace) -> int:
     from huggingface_hub.utils import logging as hub_logging
 
-    from mlxqwen.convert.errors import ConvertError
     from mlxqwen.convert.progress import make_progress
 
-    from .errors import ModelLoadError
     from .pull import pull
 
     hub_logging.set_verbosity_error()  # offline, its retry warnings would bury the one-line error
-    err = Console(stderr=True)
     try:
-        with make_progress(err) as progress:
+        with make_progress(console(stderr=True)) as progress:
             pulled = pull(args.source, recipe=args.recipe, revision=args.revision, force=args.force, progress=progress)
-    except (ConvertError, ModelLoadError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        return 1
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was added to the library")
+        print("mlxqwen pull: interrupted; nothing was added to the library", file=sys.stderr)
         return 130
-    console = Console()
-    console.print(f"{pulled.name}: {pulled.action} ({pulled.path})", highlight=False)
-    console.print(f"memory at {pulled.plan.context:,} tokens of context: {pulled.plan.verdict}", highlight=False)
-    console.print(f"chat with it: mlxqwen chat {pulled.name}", highlight=False)
+    out = console()
+    out.print(f"{pulled.name}: {pulled.action} ({pulled.path})")
+    out.print(f"memory at {pulled.plan.context:,} tokens of context: {pulled.plan.verdict}")
+    out.print(f"chat with it: mlxqwen chat {pulled.name}")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from .library import local_models
+    from .library import FORMAT_LABELS, local_models
 
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "FORMAT", "WEIGHTS", "SIZE", "MODIFIED", "WHERE"):
         table.add_column(column, justify="right" if column == "SIZE" else "left")
     for model in local_models():
-        fmt = "MLX" if model.format == "mlx" else "GGUF"
         table.add_row(
-            model.name, fmt, model.weights, _size(model.size_bytes), _ago(model.modified),
+            model.name, FORMAT_LABELS[model.format], model.weights, format_size(model.size_bytes), _ago(model.modified),
             {"library": "library", "hf-cache": "Hugging Face cache", "demo": "built in"}[model.where],
         )  # fmt: skip
-    Console().print(table)
+    console().print(table)
     return 0
 
 
 def run_rm(args: argparse.Namespace) -> int:
     from rich.prompt import Confirm
 
-    from .library import ModelNotFoundError, find_model, remove_model
+    from .library import check_removable, find_model, remove_model
 
-    err = Console(stderr=True)
-    try:
-        models = [find_model(name) for name in args.names]
-    except ModelNotFoundError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        return 1
+    models = [find_model(name) for name in args.names]
+    for model in models:  # refused before anything is asked or removed
+        check_removable(model)
+    if not args.yes and not sys.stdin.isatty():
+        return error("rm", "pass -y to remove without a prompt")
     code = 0
     for model in models:
-        if not args.yes:
-            if not sys.stdin.isatty():
-                err.print(f"[red]error:[/] {model.name}: pass -y to remove without a prompt", highlight=False)
-                return 1
-            if not Confirm.ask(f"Remove {model.name} ({_size(model.size_bytes)}, {model.path})?", console=err):
-                continue
+        question = f"Remove {model.name} ({format_size(model.size_bytes)}, {model.path})?"
+        if not args.yes and not Confirm.ask(question, console=console(stderr=True)):
+            continue
         try:
             remove_model(model)
-        except (ValueError, OSError) as e:
-            err.print(f"[red]error:[/] {e}", highlight=False)
-            code = 1
+        except OSError as e:
+            code = error("rm", f"{model.path}: {e.strerror}")
             continue
-        Console().print(f"removed {model.name}", highlight=False)
+        console().print(f"removed {model.name}")
     return code
-
-
-def _size(n: int) -> str:
-    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.0f} MB"
 
 
 def _ago(t: float) -> str:

@@ -1,4 +1,6 @@
-"""`mlxqwen.load`: a checkpoint directory to a ready model, tokenizer and config."""
+"""A checkpoint directory to an MLX model and its config: sanitized weights, quantized modules,
+compute dtype, shape checks (`mlxqwen.load` adds the tokenizer, the sampling defaults and the
+memory check: `mlxqwen.backends.mlx.load`)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def default_dtype() -> mx.Dtype:
 
 def _quantize_for(model: nn.Module, cfg: ModelConfig, weights: dict[str, mx.array]) -> None:
     """Turn the modules that the checkpoint stores quantized into quantized modules."""
-    q = cfg.quantization
+    q = cfg.mlx_quantization
     if not q:
         return
     defaults = {"group_size": q.get("group_size", 64), "bits": q.get("bits", 4), "mode": q.get("mode", "affine")}
@@ -70,27 +72,6 @@ def _config(path: Path, yarn: Yarn | None) -> ModelConfig:
     return cfg if yarn is None else with_yarn(cfg, yarn)
 
 
-def converted_size_model(
-    cfg: ModelConfig, recipe: str, group_size: int = 64, dtype: mx.Dtype | None = None
-) -> nn.Module:
-    """The model as `mlxqwen convert` would write it with `recipe`, built lazily from the config
-    alone (no weight is read or computed): for its size before anything is downloaded."""
-    from mlxqwen.convert import RECIPES
-
-    plan = RECIPES[recipe]
-    model = build_model(cfg)
-    model.load_weights(list(cast_weights(dict(tree_flatten(model.parameters())), dtype or default_dtype()).items()))
-
-    def bits(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        b = plan.bits_for(f"{path}.weight", module.weight.shape, group_size, cfg.num_hidden_layers)
-        return {"group_size": group_size, "bits": b, "mode": "affine"} if b else False
-
-    nn.quantize(model, class_predicate=bits)
-    return model
-
-
 def model_from_config(
     path: str | Path, dtype: mx.Dtype | None = None, yarn: Yarn | None = None
 ) -> tuple[nn.Module, ModelConfig]:
@@ -99,10 +80,12 @@ def model_from_config(
     converter applies those bits, else unquantized in `dtype`."""
     path = Path(path).expanduser()
     cfg = _config(path, yarn)
-    q = cfg.quantization or {}
-    recipe = f"{q['bits']}bit" if q.get("bits") else "none"
+    from mlxqwen.convert.mlx import planned_model
+
+    q = cfg.mlx_quantization or {}
+    recipe = f"{q['bits']}bit" if q else "none"
     try:
-        return converted_size_model(cfg, recipe, q.get("group_size", 64), dtype), cfg
+        return planned_model(cfg, recipe, q.get("group_size", 64), dtype), cfg
     except KeyError:
         raise ModelLoadError(f"{path / 'config.json'}: quantization bits={q['bits']} is not supported") from None
 

@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig, Yarn, context_limit, trained_context, yarn_hint
-from .errors import InsufficientMemoryError, ModelLoadError
+from .errors import InsufficientMemoryError, ModelLoadError, option
 from .gguf_file import read_header
 
 GiB = 1024**3
@@ -214,6 +214,7 @@ class GGUFModel:
     ssm_groups: int
     ssm_heads: int
     yarn: tuple[float, int] | None  # the file's own YaRN scaling: (factor, original context)
+    nextn: int  # the MTP head's layers, the last of block_count
     tensors: int
     weights: int
 
@@ -266,6 +267,7 @@ class GGUFModel:
             ssm_groups=get("ssm.group_count", 0),
             ssm_heads=get("ssm.time_step_rank", 0),
             yarn=yarn,
+            nextn=int(get("nextn_predict_layers", 0)),
             tensors=header.tensors,
             weights=header.data_bytes,
         )
@@ -278,7 +280,9 @@ def _llama_graphs(m: GGUFModel, ubatch: int) -> int:
     return 3 * 420 * nodes
 
 
-def _llama_compute(m: GGUFModel, n_kv: int, ubatch: int, sequences: int, outputs: int, flash_attn: bool) -> int:
+def _llama_compute(
+    m: GGUFModel, n_kv: int, ubatch: int, sequences: int, outputs: int, flash_attn: bool, n_rs_seq: int = 0
+) -> int:
     """llama.cpp's compute buffer: the attention masks, plus the largest of the transients of an
     attention layer (with the scores when flash attention is off), an FFN, a Gated DeltaNet
     layer and the output layer, for a ubatch of `ubatch` tokens. The activation terms are a
@@ -306,6 +310,8 @@ def _llama_compute(m: GGUFModel, n_kv: int, ubatch: int, sequences: int, outputs
         linear = 10 * min(sequences, ubatch) * m.ssm_state * m.ssm_inner + int(
             act * (3.1 * m.n_embd + 5.8 * keys + 2.1 * m.ssm_inner + 1.05 * 64 * m.ssm_heads)
         )
+        if n_rs_seq:  # states kept to roll back to: the delta rule runs token by token (fitted: 27B, 35B-A3B, the demo)
+            linear = max(linear, int(act * 13.5 * m.ssm_inner) + 16 * 2**20)
     output = int(act * 2 * m.n_embd) + outputs * m.n_vocab * 4
     mask = n_kv * (ubatch + 64) * (2 if flash_attn else 4)  # a ubatch's, and a token's (padded to 64 rows)
     scores = 0 if flash_attn else n_kv * ubatch * m.n_head * 4  # KQ, fp32
@@ -323,34 +329,40 @@ def llama_estimate(
     n_outputs: int = 1,
     kv_unified: bool = False,
     flash_attn: bool | None = None,
+    n_rs_seq: int = 0,
+    mtp: bool = False,
     budget: int | None = None,
 ) -> MemoryEstimate:
     """Memory to run a GGUF model in a llama.cpp context of `context` tokens (llama.cpp's
     n_ctx, padded to a multiple of 256 as llama.cpp does), with these context parameters:
     n_seq_max sequences (each with its own recurrent state; unless kv_unified, each gets an
     equal share of the K/V cells), batches of n_batch tokens computed n_ubatch at a time, at
-    most n_outputs logits per batch (llama.cpp's n_outputs_max). flash_attn: None = on unless
-    the K/V cache is f32 (as `mlxqwen.backends.llama_cpp` sets it)."""
+    most n_outputs logits per batch (llama.cpp's n_outputs_max), n_rs_seq more recurrent states
+    per sequence to roll back to. flash_attn: None = on unless the K/V cache is f32 (as
+    `mlxqwen.backends.llama_cpp` sets it). mtp: with a second context that runs the MTP head."""
     if kv_type not in KV_TYPE_BYTES:
         raise ValueError(f"kv_type={kv_type!r}: choose one of {', '.join(KV_TYPE_BYTES)}")
     flash_attn = kv_type != "f32" if flash_attn is None else flash_attn
     n_ctx = _blocks(max(context, 1))
     n_kv = n_ctx if kv_unified else _blocks(n_ctx // n_seq_max)
     n_ctx = n_ctx if kv_unified else n_kv * n_seq_max
-    layers = range(len(model.recurrent))
+    layers = range(len(model.recurrent) - (0 if mtp else model.nextn))  # the head's K/V is in its own context
     kv_per_cell = sum(model.n_head_kv[i] * (model.head_k + model.head_v) for i in layers if not model.recurrent[i])
     per_sequence = sum(model.recurrent) * (
         (model.ssm_conv - 1) * (model.ssm_inner + 2 * model.ssm_groups * model.ssm_state)
         + model.ssm_state * model.ssm_inner
     )
     outputs, ubatch = max(n_outputs, n_seq_max), min(n_ubatch, n_batch)
-    compute = _llama_compute(model, n_kv, ubatch, n_seq_max, outputs, flash_attn)
+    compute = _llama_compute(model, n_kv, ubatch, n_seq_max, outputs, flash_attn, n_rs_seq)
+    # the head's context: a model's buffers without the rollback states, logits for each sequence
+    head = _llama_compute(model, n_kv, ubatch, n_seq_max, n_seq_max, flash_attn) + n_seq_max * model.n_vocab * 4
+    head = head if mtp else 0
     return MemoryEstimate(
         context=context,
         weights=model.weights,
         kv_cache=int(n_ctx * kv_per_cell * KV_TYPE_BYTES[kv_type]),
-        recurrent_state=n_seq_max * per_sequence * 4,  # fp32
-        working=compute + outputs * model.n_vocab * 4 + _llama_graphs(model, ubatch) + n_ctx * _LLAMA_CELL,
+        recurrent_state=n_seq_max * (1 + n_rs_seq) * per_sequence * 4,  # fp32
+        working=compute + outputs * model.n_vocab * 4 + _llama_graphs(model, ubatch) + n_ctx * _LLAMA_CELL + head,
         runtime=runtime_bytes(model.n_vocab) + _LLAMA_LIBRARY,
         budget=memory_budget() if budget is None else budget,
     )
@@ -421,7 +433,7 @@ def minimum_context(sizing: Sizing) -> int:
 def fits_hint(sizing: Sizing) -> str:
     """What to ask for instead of a context that does not fit."""
     fits = largest_context(sizing)
-    return f"max_context={fits} fits" if fits else "use a smaller or more quantized model"
+    return f"{option('max_context', fits)} fits" if fits else "use a smaller or more quantized model"
 
 
 def choose_context(
@@ -443,18 +455,18 @@ def choose_context(
     one-line message that says what would do."""
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"max_context={requested}: give a positive number of tokens")
+            raise ValueError(f"{option('max_context', requested)}: give a positive number of tokens")
         if requested > sizing.limit:
-            fits = fits_hint(sizing) if check_memory else f"max_context={sizing.limit} is the most"
+            fits = fits_hint(sizing) if check_memory else f"{option('max_context', sizing.limit)} is the most"
             raise ModelLoadError(
-                f"{where}: max_context={requested} is past the {sizing.limit:,} tokens this model handles; "
+                f"{where}: {option('max_context', requested)} is past the {sizing.limit:,} tokens this model handles; "
                 f"{fits}, or {yarn_hint(requested, sizing.trained)}"
             )
         if check_memory:
             plan = sizing.estimate(requested)
             if not plan.fits:
                 raise InsufficientMemoryError(
-                    f"{where}: at max_context={requested} the model {plan.verdict}; {fits_hint(sizing)}"
+                    f"{where}: at {option('max_context', requested)} the model {plan.verdict}; {fits_hint(sizing)}"
                 )
         return requested
     cap = min(sizing.limit, default_cap or sizing.limit)

@@ -3,7 +3,8 @@
 1. Read the model's config.json (a few KB) and check that the model, as converted (or as
    published, for an MLX repo), will fit in this machine's memory, before downloading
    gigabytes (`--force` skips the refusal).
-2. Download and convert it with the converter (`mlxqwen.convert`) into the library
+2. Download and convert it with the converter (`mlxqwen.convert`, which also says how
+   it would convert the model: `planned_model`) into the library
    (`mlxqwen.library.models_dir()`), as NAME-RECIPE. A repo that is already MLX-quantized
    (e.g. mlx-community's) is downloaded into the Hugging Face cache and used as it is.
 3. Report how much context fits, measured on the converted model."""
@@ -17,11 +18,12 @@ import mlx.nn as nn
 
 from . import memory
 from .backends.mlx import model_sizing
+from .checkpoint import read_json
 from .config import ModelConfig, parse_config
-from .errors import ModelLoadError
+from .errors import ModelLoadError, option
+from .hub import REPO_ID, snapshot
 from .library import models_dir
-from .loader import converted_size_model, load_model
-from .tokenizer import read_json
+from .loader import load_model
 
 
 class PullError(ModelLoadError):
@@ -34,39 +36,6 @@ class Pulled:
     name: str  # as `mlxqwen list` shows it
     action: str  # what pull did: "converted", "already in the library", "downloaded" (an MLX repo)
     plan: memory.MemoryEstimate  # at the longest context that fits (or 4096 tokens if none does)
-
-
-def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
-        raise PullError(
-            f"{repo_id}: {why} and the model is not in the cache ({constants.HF_HUB_CACHE}); connect and run "
-            "mlxqwen pull again (mlxqwen chat works offline with the demo model)"
-        ) from None
-    except GatedRepoError:
-        raise PullError(
-            f"{repo_id}: gated repo; accept its terms on huggingface.co and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise PullError(f"{repo_id}: no such repo on the Hugging Face Hub (or it is private: log in)") from None
-    except RevisionNotFoundError:
-        raise PullError(f"{repo_id}: revision {revision!r} not found") from None
-    except EntryNotFoundError:
-        raise PullError(f"{repo_id}: has no {filename}; pull takes Hugging Face model repos") from None
-    except HfHubHTTPError as e:
-        raise PullError(f"{repo_id}: download failed ({e})") from None
 
 
 def _fit(model: nn.Module, cfg: ModelConfig) -> tuple[memory.MemoryEstimate, bool]:
@@ -87,31 +56,33 @@ def pull(
     """Download (a Hub repo id) or read (a local Hugging Face directory) `source`, convert it
     into the library and check it fits. Raises PullError / ConvertError / ModelLoadError with
     a one-line message."""
-    from mlxqwen.convert import RECIPES, convert
-    from mlxqwen.convert.api import default_output
+    from mlxqwen.convert import convert
+    from mlxqwen.convert.api import default_output, format_options
+    from mlxqwen.convert.mlx import planned_model
     from mlxqwen.convert.source import resolve_source
 
-    if recipe not in RECIPES:
-        raise PullError(f"--recipe {recipe}: unknown recipe (known: {', '.join(RECIPES)})")
+    format_options("mlx", {"recipe": recipe})  # an unknown recipe fails before any download
     local = Path(source).expanduser()
     is_local = local.is_dir()
-    config_file = local / "config.json" if is_local else _hub_file(source, "config.json", revision)
+    if not is_local and not REPO_ID.match(source):
+        raise PullError(f"{source}: no such directory, and not a Hub repo id (like Qwen/Qwen3.6-27B)")
+    config_file = (local if is_local else snapshot(source, ["config.json"], revision)) / "config.json"
     raw = read_json(config_file)
     if not raw:
         raise PullError(f"{config_file}: missing or empty; pull takes Hugging Face Qwen model directories")
     cfg = parse_config(raw, str(config_file))
 
-    quantized = cfg.quantization  # an MLX repo: used as it is, its own bits give the size
+    quantized = cfg.mlx_quantization  # an MLX repo: used as it is, its own bits give the size
     if quantized and is_local:
         raise PullError(f"{local}: already an MLX model; run it directly (mlxqwen chat {local})")
-    bits = f"{quantized.get('bits', 4)}bit" if quantized else recipe
-    group_size = quantized.get("group_size", 64) if quantized else 64
-    plan, fits = _fit(converted_size_model(cfg, bits, group_size), cfg)
+    # the model as the converter would write it (as published, for an MLX repo), from its config alone
+    bits = f"{quantized['bits']}bit" if quantized else recipe
+    plan, fits = _fit(planned_model(cfg, bits, quantized.get("group_size", 64) if quantized else 64), cfg)
     if not fits and not force:
         how = "as published" if quantized else f"converted with recipe {recipe}"
         raise PullError(
-            f"{source}: {how} the model {plan.verdict}; choose a smaller model or recipe (--recipe 3bit), "
-            "or pass --force to pull it anyway"
+            f"{source}: {how} the model {plan.verdict}; choose a smaller model or recipe "
+            f"({option('recipe', '3bit')}), or pass {option('force')} to pull it anyway"
         )
     if quantized:
         path = resolve_source(source, revision, progress).path

@@ -12,7 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from .backends import BACKENDS
+from .cli import error, note
+from .generate_cli import add_context_options, load_options, number_arg
 
 API_KEY_ENV = "MLXQWEN_API_KEY"
 
@@ -27,18 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("models", nargs="*", metavar="MODEL", help="a name from mlxqwen list, or a model's path")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=11434, help="port (default 11434, Ollama's)")
+    p.add_argument("--port", type=number_arg(int, 0, "0 or more"), default=11434, help="port (default 11434, Ollama's)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this key (or ${API_KEY_ENV})")
-    p.add_argument("--max-concurrent", type=int, help="sequences generated together per model (default 8)")
-    p.add_argument("--max-queue", type=int, help="requests that may wait per model before a 503 (default 64)")
+    p.add_argument("--max-concurrent", type=number_arg(int, 1, "at least 1"),
+                   help="sequences generated together per model (default 8)")  # fmt: skip
+    p.add_argument("--max-queue", type=number_arg(int, 0, "0 or more"),
+                   help="requests that may wait per model before a 503 (default 64)")  # fmt: skip
     p.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded (default 5m; -1: always)")
-    p.add_argument("--max-context", type=int, help="context per model in tokens (default: what fits in memory)")
     p.add_argument("--cors-origin", action="append", default=[], help="allow this web origin besides localhost's")
-    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (default 16)")
-    p.add_argument(
-        "--backend", choices=BACKENDS, default="auto", help="mlx, llama.cpp, or auto (default; as mlxqwen chat)"
-    )
-    p.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
+    p.add_argument("--max-body-mb", type=number_arg(float, 0, "above 0", above=True), default=16,
+                   help="largest request body in MiB (default 16)")  # fmt: skip
+    add_context_options(p)
     p.set_defaults(func=run)
 
 
@@ -59,39 +59,36 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from . import load
-    from .library import ModelNotFoundError, find_model, model_at
+    from .library import find_model, model_at
     from .server import ModelPool, create_app, log_to_stderr
     from .server.errors import APIError
     from .server.requests import duration
 
-    def fail(message: str) -> int:
-        print(f"mlxqwen serve: error: {message}", file=sys.stderr)
-        return 2
-
     try:
         keep_alive = duration(args.keep_alive, None, "--keep-alive")
-        models = [model_at(Path(m)) if Path(m).expanduser().exists() else find_model(m) for m in args.models]
-    except (APIError, ModelNotFoundError) as e:
-        return fail(str(e))
-    engine = {k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v}
-    loader = functools.partial(
-        load, backend=args.backend, max_context=args.max_context, mtp=False if args.no_mtp else "auto", **engine
-    )
+    except APIError as e:
+        return error("serve", e)
+    models = [model_at(Path(m)) if Path(m).expanduser().exists() else find_model(m) for m in args.models]
+    engine = {
+        k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v is not None
+    }
+    loader = functools.partial(load, **load_options(args), **engine)
 
     log_to_stderr()
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            return fail(
-                f"port {args.port} on {args.host} is taken (Ollama or another server?); choose one with --port N"
+            return error(
+                "serve",
+                f"port {args.port} on {args.host} is taken (Ollama or another server?); choose one with --port N",
             )
-        return fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
+        return error("serve", f"cannot listen on {args.host}:{args.port} ({e.strerror or e})")
     if not _loopback(args.host) and not args.api_key:
-        print(
-            f"mlxqwen serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
-            "machine can use its models",
-            file=sys.stderr,
+        note(
+            "serve",
+            f"listening on {args.host} without --api-key: anyone who can reach this machine can use its models",
+            "warning",
         )
     pool = ModelPool(models or None, keep_alive=keep_alive, load=loader)
     app = create_app(

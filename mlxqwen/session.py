@@ -99,6 +99,11 @@ class ChatSession:
         return [dict(m) for m in self._history]
 
     @property
+    def conversation(self) -> list[dict[str, Any]]:
+        """`history` without the system message: the turns."""
+        return [m for m in self.history if m["role"] != "system"]
+
+    @property
     def tokens(self) -> int:
         """Tokens in the model's state for this chat."""
         return len(self._tokens)

@@ -52,13 +52,15 @@ def accept(sampler: Sampler, logits: mx.array, guesses: list[int], drafts: list[
 class DepthChooser:
     """Picks the depth with the most tokens per second: expected tokens per step (from the
     acceptance rate at each guess position) over the measured seconds per step at that depth and
-    batch size. A depth not yet measured for a batch size is tried first; every `probe` steps the
-    runner-up is measured again, so the choice follows the machine and the text. `fixed` pins it."""
+    batch size. Each depth is measured first, twice for a batch size (its first step builds new
+    shapes, so it is not counted); every `probe` steps the depth measured longest ago is measured
+    again, so the choice follows the machine and the text. `fixed` pins it."""
 
     max_depth: int = MAX_DEPTH
     fixed: int | None = None
-    probe: int = 64
+    probe: int = 32
     seconds: dict[tuple[int, int], float] = field(default_factory=dict)  # (depth, batch) -> seconds per step
+    measured: dict[tuple[int, int], int] = field(default_factory=dict)  # (depth, batch) -> the step last measured
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)  # guess j kept, given j-1 were
     proposed: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)
     steps: int = 0
@@ -82,14 +84,19 @@ class DepthChooser:
         untried = [d for d in depths if (d, batch) not in self.seconds]
         if untried:
             return untried[0]
-        rate = sorted(depths, key=lambda d: self.expected(d) / self.seconds[d, batch], reverse=True)
-        return rate[1] if self.steps % self.probe == 0 else rate[0]
+        if self.steps % self.probe == 0:
+            return min(depths, key=lambda d: self.measured[d, batch])
+        return max(depths, key=lambda d: self.expected(d) / self.seconds[d, batch])
 
     def record(self, depth: int, batch: int, seconds: float, kept: list[int] = ()) -> None:
         """A step at `depth` over `batch` sequences took `seconds`; `kept`: guesses accepted per sequence."""
-        key = (depth, batch)
-        self.seconds[key] = seconds if key not in self.seconds else 0.8 * self.seconds[key] + 0.2 * seconds
         for n in kept:
             for j in range(min(n + 1, depth)):
                 self.proposed[j] = 0.95 * self.proposed[j] + 1
                 self.accepted[j] = 0.95 * self.accepted[j] + (j < n)
+        key = (depth, batch)
+        if key in self.measured:  # not the first step: that one built new shapes
+            if key in self.seconds:  # a step slowed by something else (another process) counts as 3 at most
+                seconds = 0.7 * self.seconds[key] + 0.3 * min(seconds, 3 * self.seconds[key])
+            self.seconds[key] = seconds
+        self.measured[key] = self.steps

@@ -3,7 +3,6 @@ sentencepiece; added and special tokens; end-of-sequence ids; a streaming detoke
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -11,20 +10,8 @@ from typing import Any
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .chat_template import ChatTemplate
+from .checkpoint import read_json
 from .errors import ModelLoadError
-
-
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from a checkpoint file, or {} when the file is absent."""
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file}: expected a JSON object")
-    return data
 
 
 def _token_text(token: Any) -> str | None:
@@ -134,7 +121,9 @@ class Tokenizer:
         self.eos_token_ids = {int(i) for i in eos} | {i for i in (self.token_to_id(self.eos_token),) if i is not None}
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
+    def from_dir(cls, path: str | Path, generation_config: dict[str, Any] | None = None) -> Tokenizer:
+        """generation_config: the directory's generation_config.json when the caller has read it
+        already (a load reads it once, for the end tokens and the sampling defaults)."""
         path = Path(path)
         config = read_json(path / "tokenizer_config.json")
         if (path / "tokenizer.json").is_file():
@@ -151,7 +140,9 @@ class Tokenizer:
             )
         tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
         template = ChatTemplate.from_dir(path, config, tokens)
-        return cls(backend, config, read_json(path / "generation_config.json"), template)
+        if generation_config is None:
+            generation_config = read_json(path / "generation_config.json")
+        return cls(backend, config, generation_config, template)
 
     @property
     def vocab_size(self) -> int:

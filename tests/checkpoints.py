@@ -5,11 +5,14 @@ routers), so a loader that drops or misreads any tensor changes the logits."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "qwen3-tokenizer"
@@ -170,6 +173,19 @@ def add_mtp_head(path: Path, head: MTPReference) -> Path:
     return path
 
 
+def reference_draft(model, head: MTPReference, tokens: list[int], depth: int) -> tuple[int, list[int]]:
+    """The model's greedy next token after `tokens`, and the head's `depth` greedy guesses at the
+    tokens after it, chained: each guess is read with the head's own output at the step before."""
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([tokens])).last_hidden_state
+        following = [*tokens[1:], int(model.lm_head(hidden[0, -1]).argmax())]
+        for _ in range(depth):
+            out = head(hidden, torch.tensor([following]))[:, -1:]
+            following.append(int(model.lm_head(out[0, -1]).argmax()))
+            hidden = torch.cat([hidden, out], dim=1)
+    return following[len(tokens) - 1], following[len(tokens) :]
+
+
 def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
@@ -221,3 +237,42 @@ def fuse_experts(path: Path, prefix: str = "model.layers") -> None:
         )
         tensors[f"{head}.mlp.experts.down_proj"] = torch.stack([e["down_proj"] for e in ordered])
     save_file(tensors, file)
+
+
+def to_fp8(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rewrite the checkpoint's layer projections as Qwen's FP8 releases store them (e4m3 with a bf16
+    inverse scale per block); returns the dequantized weights a converter must see."""
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    dequantized = {}
+    for key in [k for k in tensors if ".layers." in k and k.endswith("proj.weight")]:
+        w = tensors[key].float()
+        m, n = w.shape
+        rows, cols = math.ceil(m / block[0]), math.ceil(n / block[1])
+        padded = torch.nn.functional.pad(w, (0, cols * block[1] - n, 0, rows * block[0] - m))
+        amax = padded.reshape(rows, block[0], cols, block[1]).abs().amax(dim=(1, 3))
+        scale = (amax / 448).to(torch.bfloat16)
+        full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:m, :n]
+        fp8 = (w / full).to(torch.float8_e4m3fn)
+        tensors[key], tensors[key + "_scale_inv"] = fp8, scale
+        dequantized[key] = fp8.float() * full
+    save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+def to_gguf(src: Path, out: Path, quant: str = "F32") -> Path:
+    """The checkpoint at `src` written to `out` by `mlxqwen convert --to gguf`, quietly."""
+    from mlxqwen.convert import convert
+    from mlxqwen.convert.progress import make_progress
+    from rich.console import Console
+
+    with make_progress(Console(file=io.StringIO())) as progress:
+        return convert(src, out, to="gguf", quant=quant, progress=progress).output

@@ -21,8 +21,7 @@ except ImportError:
 def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """arch -> (a tiny random Hugging Face checkpoint with the real tokenizer, its F32 GGUF)."""
     pytest.importorskip("gguf")
-    from checkpoints import ARCHS, build_reference, save_checkpoint
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from checkpoints import ARCHS, build_reference, save_checkpoint, to_gguf
     from test_gguf import _LINEAR, VOCAB
 
     out = {}
@@ -30,5 +29,5 @@ def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         tmp = tmp_path_factory.mktemp(arch)
         overrides = _LINEAR if arch.startswith("qwen3_5") else {}
         src = save_checkpoint(build_reference(arch, vocab_size=VOCAB, **overrides), tmp / "hf")
-        out[arch] = src, convert_to_gguf(src, tmp / "model-F32.gguf", "F32")
+        out[arch] = src, to_gguf(src, tmp / "model-F32.gguf", "F32")
     return out

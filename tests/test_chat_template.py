@@ -228,7 +228,7 @@ def test_a_template_escaping_the_sandbox_is_refused_at_load(tiny_dir, tmp_path, 
         mlxqwen.load(model)
     assert main(["generate", str(model), "-p", "Hello", "--max-tokens", "2"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {expected}") and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"mlxqwen generate: error: {expected}") and "Traceback" not in err
 
 
 def test_a_template_failing_later_is_one_line_at_generate(tiny_dir, tmp_path, capsys):
@@ -247,10 +247,10 @@ def test_a_template_failing_later_is_one_line_at_generate(tiny_dir, tmp_path, ca
 def test_a_gguf_template_is_checked_at_load(tiny_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from checkpoints import to_gguf
 
     import mlxqwen
 
-    gguf = convert_to_gguf(with_template(tiny_dir, tmp_path, ESCAPE), tmp_path / "m.gguf", "F32")
+    gguf = to_gguf(with_template(tiny_dir, tmp_path, ESCAPE), tmp_path / "m.gguf", "F32")
     with pytest.raises(ModelLoadError, match=re.escape(f"{gguf} (tokenizer.chat_template): template error on a probe")):
         mlxqwen.load(gguf)

@@ -55,10 +55,10 @@ def test_yarn_on_mlx_matches_transformers(extended):
 def test_yarn_on_llama_cpp_matches_transformers(extended, tmp_path):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from checkpoints import to_gguf
 
     path, expected = extended
-    llm = mlxqwen.load(convert_to_gguf(path, tmp_path / "m.gguf", "F32"), dtype=mx.float32, rope_scaling=YARN)
+    llm = mlxqwen.load(to_gguf(path, tmp_path / "m.gguf", "F32"), dtype=mx.float32, rope_scaling=YARN)
     assert (llm.name, llm.max_context) == ("llama.cpp", 64)
     runtime = llm.runtime
     seq = runtime.new_sequence()
@@ -85,10 +85,14 @@ def test_past_the_trained_context_only_with_yarn(model_dir, capsys):
 
     args = ["generate", str(model_dir), "-p", "Hi", "--raw", "--max-tokens", "2", "--max-context", "8192"]
     assert main(args) == 1
-    assert "past the 4,096 tokens this model handles" in capsys.readouterr().err
+    hint = """extend it with YaRN: --rope-scaling '{"rope_type": "yarn", "factor": 2.0}'"""  # the command line's words
+    assert capsys.readouterr().err == (
+        f"mlxqwen generate: error: {model_dir}: --max-context 8192 is past the 4,096 tokens this model handles; "
+        f"--max-context 4096 fits, or {hint}\n"
+    )
     assert main([*args, "--rope-scaling", '{"rope_type": "yarn", "factor": 2.0}']) == 0
     assert main(["fit", str(model_dir), "--context", "8192"]) == 1
-    assert '"factor": 2.0' in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == f"past the 4,096 tokens this model handles; {hint}"
     assert main(["fit", str(model_dir), "--context", "8192", "--rope-scaling", json.dumps(YARN)]) == 1  # 64 tokens
     assert main(["fit", str(model_dir), "--context", "8192", "--rope-scaling", '{"type": "yarn", "factor": 2}']) == 0
 

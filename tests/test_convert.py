@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +15,7 @@ from checkpoints import (
     fuse_experts,
     reference_logits,
     save_checkpoint,
+    to_fp8,
 )
 from mlxqwen.convert import convert
 from mlxqwen.convert.calibration import TEXT
@@ -244,35 +244,6 @@ def test_mtp_kept_vision_dropped_or_copied(tmp_path, moe):
     assert np.array_equal(a, b)
     mlx_lm = pytest.importorskip("mlx_lm")
     assert rel_err(a, logits(mlx_lm.load(str(tmp_path / "vision"))[0])) < 1e-5
-
-
-def to_fp8(path: Path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Rewrite the checkpoint's layer projections as Qwen's FP8 releases store them (e4m3 with a bf16
-    inverse scale per block); returns the dequantized weights a converter must see."""
-    file = path / "model.safetensors"
-    tensors = load_file(file)
-    dequantized = {}
-    for key in [k for k in tensors if ".layers." in k and k.endswith("proj.weight")]:
-        w = tensors[key].float()
-        m, n = w.shape
-        rows, cols = math.ceil(m / block[0]), math.ceil(n / block[1])
-        padded = torch.nn.functional.pad(w, (0, cols * block[1] - n, 0, rows * block[0] - m))
-        amax = padded.reshape(rows, block[0], cols, block[1]).abs().amax(dim=(1, 3))
-        scale = (amax / 448).to(torch.bfloat16)
-        full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:m, :n]
-        fp8 = (w / full).to(torch.float8_e4m3fn)
-        tensors[key], tensors[key + "_scale_inv"] = fp8, scale
-        dequantized[key] = fp8.float() * full
-    save_file(tensors, file, metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-    }
-    (path / "config.json").write_text(json.dumps(config))
-    return dequantized
 
 
 @pytest.mark.parametrize("block", [(128, 128), (32, 48)])

@@ -79,11 +79,11 @@ def test_batch_continues_past_a_failure_and_skips_finished_outputs(sources, monk
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[[convert]]\nsource = 'qwen3'\nrecipie = '4bit'\n", "entry 1: unknown option 'recipie'"),
+        ("[[convert]]\nsource = 'qwen3'\nrecipie = '4bit'\n", "entry 1: recipie: not an option of the mlx format"),
         ("[[convert]]\nrecipe = '4bit'\n", "entry 1: missing 'source'"),
-        ("[[convert]]\nsource = 'qwen3'\nrecipe = '7bit'\n", "entry 1: recipe = '7bit' is not one of"),
+        ("[[convert]]\nsource = 'qwen3'\nrecipe = '7bit'\n", "entry 1: recipe = '7bit': expected one of none, 2bit"),
         ("[defaults]\ngroup_size = 48\n[[convert]]\nsource = 'qwen3'\n", "entry 1: group_size = 48"),
-        ("[[convert]]\nsource = 'qwen3'\nto = 'onnx'\n", "entry 1: unknown output format 'onnx'"),
+        ("[[convert]]\nsource = 'qwen3'\nto = 'onnx'\n", "entry 1: to = 'onnx': unknown output format"),
         ("[[convert]\n", "invalid TOML"),
         ("[defaults]\n", "no [[convert]] entries"),
     ],

@@ -1,6 +1,6 @@
-"""The demo model's building blocks: the task data, the tokenizer, the fast gated delta rule
-used in training, the chat encoding and the MTP head's Qwen3.5 layout. (The shipped model
-itself: tests/test_demo_model.py.)"""
+"""The demo model's building blocks (`demo/`, outside the package): the task data, the tokenizer,
+the fast gated delta rule used in training, the chat encoding and the MTP head's Qwen3.5 layout.
+(The shipped model itself: tests/test_demo_model.py.)"""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from demo import data, train
+from demo.delta_rule import chunk_gated_delta_rule
+from demo.vocab import ADDED_TOKENS, QWEN2_SPLIT, train_tokenizer
 from mlxqwen.chat_template import ChatTemplate
-from mlxqwen.demo import data, train
-from mlxqwen.demo.delta_rule import chunk_gated_delta_rule
-from mlxqwen.demo.vocab import ADDED_TOKENS, QWEN2_SPLIT, train_tokenizer
 
 TEMPLATE = ChatTemplate(train.TEMPLATE, {"eos_token": "<|im_end|>"})
 

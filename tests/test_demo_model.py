@@ -1,17 +1,20 @@
 """The shipped demo model end to end: it stays within its size budget; both forms load through
 `mlxqwen.load` (MLX 4-bit on MLX, GGUF on llama.cpp) and chat (thinking and answer parsed,
-two turns); the MLX form carries Qwen3.5's MTP head; the GGUF gives the same tokens and reply
-in llama-cpp-python's own API."""
+two turns); both carry Qwen3.5's MTP head and guess with it; the GGUF gives the same tokens and
+reply in llama-cpp-python's own API."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import gguf
 import pytest
 
+from demo import data
+from demo.evaluate import accuracy, engine_answers, split_reply
 from mlxqwen import load
-from mlxqwen.demo import DEMO_DIR, data, model_path
-from mlxqwen.demo.evaluate import accuracy, engine_answers, split_reply
+from mlxqwen.demo import DEMO_DIR, model_path
 from mlxqwen.tokenizer import Tokenizer
 
 QUESTION = "What is 37 + 48?"
@@ -19,9 +22,17 @@ THINKING = "7 + 8 = 15, carry 1\n3 + 4 + 1 = 8\n37 + 48 = 85"
 
 
 def test_shipped_files_stay_under_40_mb():
-    files = [*model_path("mlx").iterdir(), model_path("gguf")]
-    assert sum(f.stat().st_size for f in files) < 40e6
-    assert not (DEMO_DIR / "model-mlx-4bit" / "README.md").exists()
+    files = list(DEMO_DIR.iterdir())
+    assert model_path("gguf") in files and sum(f.stat().st_size for f in files) < 40e6
+    assert not (DEMO_DIR / "README.md").exists()  # the model card would name the build path
+
+
+def test_the_demo_model_is_not_trained_by_the_installed_package():
+    """torch-based training and evaluation live in the source checkout's demo/, not in mlxqwen."""
+    import mlxqwen.demo
+
+    package = Path(mlxqwen.demo.__file__).parent
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py"]
 
 
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
@@ -50,6 +61,25 @@ def test_mlx_form_keeps_the_mtp_head():
     assert "mtp.layers.0.self_attn.q_proj.weight" in mtp
 
 
+@pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
+def test_both_forms_guess_with_the_mtp_head(form, backend):
+    """The GGUF carries the head as llama.cpp's nextn tensors; on either runtime it guesses most
+    tokens right, and the answers are those of plain decoding."""
+    if backend == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        reader = gguf.GGUFReader(model_path("gguf"))
+        assert reader.fields["qwen35.nextn_predict_layers"].contents() == 1
+        assert "blk.6.nextn.eh_proj.weight" in {t.name for t in reader.tensors}
+    plain = load(model_path(form), backend=backend, mtp=False)
+    llm = load(model_path(form), backend=backend, mtp_depth=3)
+    assert llm.runtime.mtp and not plain.runtime.mtp
+    chat, reference = llm.chat(max_tokens=200), plain.chat(max_tokens=200)
+    for question in (QUESTION, "What is the capital of Peru?", "What is 487 × 6?"):
+        done, expected = chat.send(question), reference.send(question)
+        assert (done.thinking, done.text) == (expected.thinking, expected.text)
+        assert done.stats.accepted_tokens > 0.6 * done.stats.draft_tokens > 0
+
+
 def test_gguf_form_runs_in_llama_cpp_itself():
     """Independent of our backend: llama-cpp-python's own API tokenizes as our tokenizer does
     and gives the same reply."""
@@ -66,7 +96,7 @@ def test_gguf_form_runs_in_llama_cpp_itself():
 
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
 def test_shipped_forms_answer_held_out_questions(form, backend):
-    """A sample of the evaluation (python -m mlxqwen.demo.evaluate --shipped runs all of it)."""
+    """A sample of the evaluation (python -m demo.evaluate --shipped runs all of it)."""
     if backend == "llama.cpp":
         pytest.importorskip("llama_cpp")
     scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6))

@@ -271,7 +271,7 @@ def test_generate_command(llm, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert out == llm.generate("Hello", think=False, temperature=0, max_tokens=5) + "\n"
-    assert "generation: 5 tokens" in err and "length" in err
+    assert "· reply 5 tokens, " in err and err.rstrip().endswith("length")
     assert main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stats"]["generated_tokens"] == 5 and result["text"] == out.strip()

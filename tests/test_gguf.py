@@ -9,27 +9,26 @@ import re
 import shutil
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import TOKENIZER_DIR, build_reference, reference_logits, save_checkpoint
+from checkpoints import TOKENIZER_DIR, build_reference, reference_logits, save_checkpoint, to_fp8, to_gguf
 from mlx.utils import tree_flatten
 from mlxqwen.convert import ConvertError
+from mlxqwen.convert.api import format_options
+from mlxqwen.convert.gguf import GGUF
 from mlxqwen.convert.progress import make_progress
 from mlxqwen.convert.source import Source
 from rich.console import Console
 from tokenizers import Tokenizer
 
 import mlxqwen
-from mlxqwen.errors import ModelLoadError
+from mlxqwen.cli import main
 from mlxqwen.loader import load_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
-gguf = pytest.importorskip("gguf")
-
-from mlxqwen.convert import gguf as gguf_format  # noqa: E402  (needs gguf)
-from mlxqwen.convert.gguf import convert_to_gguf  # noqa: E402
 
 VOCAB = 151936  # the real tokenizer's vocabulary as Qwen models see it
 TOKENS = [int(t) for t in np.random.RandomState(1).randint(0, 151_600, 24)]
@@ -114,7 +113,7 @@ def converted(request, tmp_path_factory):
     ref = build_reference(arch, vocab_size=VOCAB, **overrides)
     tmp = tmp_path_factory.mktemp(request.param)
     src = save_checkpoint(ref, tmp / "hf")
-    return ref, src, convert_to_gguf(src, tmp / "model-F32.gguf", "F32")
+    return ref, src, to_gguf(src, tmp / "model-F32.gguf", "F32")
 
 
 def test_f32_logits_match_transformers(converted):
@@ -144,7 +143,7 @@ def vocab_only(path: Path):
 
 
 def test_tokenizer_matches_tokenizer_json(qwen3_dir, tmp_path):
-    llm = vocab_only(convert_to_gguf(qwen3_dir, tmp_path / "m.gguf", "F32"))
+    llm = vocab_only(to_gguf(qwen3_dir, tmp_path / "m.gguf", "F32"))
     vectors = TOKENIZER_DIR / "vectors"
     texts = (vectors / "qwen2.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
     expected = [[int(t) for t in line.split()] for line in (vectors / "qwen2.out").read_text().splitlines()]
@@ -175,7 +174,7 @@ def test_qwen35_pre_tokenizer_is_detected(qwen3_dir, tmp_path):
         split["Regex"].replace(r"?\p{L}+", r"?[\p{L}\p{M}]+").replace(r"[^\s\p{L}\p{N}]", r"[^\s\p{L}\p{M}\p{N}]")
     )
     (src / "tokenizer.json").write_text(json.dumps(tok))
-    llm = vocab_only(convert_to_gguf(src, tmp_path / "m.gguf", "F32"))
+    llm = vocab_only(to_gguf(src, tmp_path / "m.gguf", "F32"))
     assert llm.metadata["tokenizer.ggml.pre"] == "qwen35"
     llm.close()
 
@@ -204,8 +203,9 @@ def test_quantized_file_loads_and_generates(request, tmp_path, quant):
     file_type, bits, min_cos = QUANT_CASES[quant]
     progress = make_progress(Console(file=io.StringIO()))
     with progress:
-        output = tmp_path / gguf_format.default_output("m", quant=quant)
-        result = gguf_format.convert(Source(src), output, quant=quant, progress=progress)
+        options = format_options("gguf", {"quant": quant})
+        output = tmp_path / GGUF.default_output("m", options)
+        result = GGUF.convert(Source(src), output, options, force=False, progress=progress)
     assert result.output == output and output.name == f"m-{quant}.gguf" and result.recipe == quant
     assert all(task.finished for task in progress.tasks)
     assert [p.name for p in tmp_path.iterdir()] == [output.name]
@@ -242,7 +242,7 @@ def test_mlx_quantized_source_is_dequantized(tmp_path):
         shutil.copy(src / name, dst / name)
 
     expected = np.array(mlxqwen.load(dst, dtype=mx.float32).model(mx.array([TOKENS]))[0])
-    got = llama_logits(convert_to_gguf(dst, tmp_path / "m.gguf", "F32"), TOKENS, f32_cache=True)
+    got = llama_logits(to_gguf(dst, tmp_path / "m.gguf", "F32"), TOKENS, f32_cache=True)
     assert rel_err(got, expected) < F32_TOL
 
 
@@ -270,8 +270,8 @@ def _edit_config(path: Path, **changes) -> Path:
 def test_unsupported_models_fail_with_one_line(tmp_path, arch, overrides, edit, message):
     src = _edit_config(save_checkpoint(build_reference(arch, **overrides), tmp_path / "hf", tokenizer=False), **edit)
     out = tmp_path / "out"
-    with pytest.raises(ModelLoadError, match=message) as info:
-        convert_to_gguf(src, out / "m.gguf", "Q8_0")
+    with pytest.raises(ConvertError, match=message) as info:
+        to_gguf(src, out / "m.gguf", "Q8_0")
     assert "\n" not in str(info.value) and "config.json" in str(info.value)
     assert not out.exists() or not any(out.iterdir())
 
@@ -287,24 +287,45 @@ def test_failure_midway_leaves_nothing(qwen3_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.quants, "quantize", failing)
     with pytest.raises(OSError, match="No space"):
-        convert_to_gguf(qwen3_dir, tmp_path / "m.gguf", "F32")
+        to_gguf(qwen3_dir, tmp_path / "m.gguf", "F32")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_and_unknown_quant(qwen3_dir, tmp_path):
+def test_existing_output_and_unknown_quant(qwen3_dir, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     out.write_text("keep me")
-    with pytest.raises(ConvertError, match="--force"):
-        convert_to_gguf(qwen3_dir, out, "F32")
+    with pytest.raises(ConvertError, match="already exists; pass force=True to replace it"):
+        to_gguf(qwen3_dir, out, "F32")
     assert out.read_text() == "keep me"
-    with pytest.raises(ConvertError, match="Q4_K_M"):
-        convert_to_gguf(qwen3_dir, tmp_path / "n.gguf", "Q3_X")
+    with pytest.raises(ConvertError, match=r"quant='Q3_X': expected one of .*Q4_K_M"):
+        to_gguf(qwen3_dir, tmp_path / "n.gguf", "Q3_X")
+    assert main(["convert", str(qwen3_dir), "--to", "gguf", "-o", str(out)]) == 1
+    assert capsys.readouterr().err == f"mlxqwen convert: error: {out}: already exists; pass --force to replace it\n"
 
 
-def test_cli_writes_gguf(qwen3_dir, tmp_path):
-    from mlxqwen.cli import main
-
+def test_cli_writes_gguf(qwen3_dir, tmp_path, capsys):
     out = tmp_path / "model-F32.gguf"
     assert main(["convert", str(qwen3_dir), "--to", "gguf", "--quant", "F32", "-o", str(out)]) == 0
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == "qwen3"
+    assert capsys.readouterr().out.startswith(f"{out}: F32, ")
+
+
+def test_output_without_the_gguf_suffix_still_runs(qwen3_dir, tmp_path):
+    """A GGUF is recognised by its first bytes, whatever its name."""
+    out = tmp_path / "my-model"
+    assert main(["convert", str(qwen3_dir), "--to", "gguf", "--quant", "F32", "-o", str(out)]) == 0
+    llm = mlxqwen.load(out)
+    assert llm.name == "llama.cpp"
+    llm.close()
+    assert main(["generate", str(out), "-p", "Hi", "--max-tokens", "2", "--no-think"]) == 0
+
+
+def test_fp8_source_converts_as_mlx_does(tmp_path):
+    """One source reader for every format: Qwen's FP8 releases are dequantized for GGUF too."""
+    ref = build_reference("qwen3", vocab_size=VOCAB)
+    src = save_checkpoint(ref, tmp_path / "hf")
+    dequantized = to_fp8(src, (32, 48))
+    ref.load_state_dict(dequantized, strict=False)
+    got = llama_logits(to_gguf(src, tmp_path / "m.gguf", "F32"), TOKENS, f32_cache=True)
+    assert rel_err(got, reference_logits(ref, TOKENS).numpy()) < F32_TOL

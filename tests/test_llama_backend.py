@@ -12,17 +12,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import build_reference, save_checkpoint
+from checkpoints import build_reference, save_checkpoint, to_gguf
 
 import mlxqwen
 from mlxqwen import InsufficientMemoryError, ModelLoadError, PrefillProgress, TextDelta, ThinkingDelta, memory
 from mlxqwen.llm import last
 
 llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
 
-from mlxqwen.convert import gguf as gguf_format  # noqa: E402  (needs gguf)
-from mlxqwen.convert.gguf import convert_to_gguf  # noqa: E402
+from mlxqwen.convert import gguf_mapping  # noqa: E402
 from mlxqwen.tui.app import ChatApp  # noqa: E402
 from mlxqwen.tui.store import ChatSettings, ChatStore  # noqa: E402
 from test_gguf import QUANT_CASES, VOCAB, min_cosine, rel_err  # noqa: E402
@@ -162,7 +160,7 @@ def test_cancel_threads_and_other_generations_keep_the_chat(llm):
     chunk = llm.runtime.prefill_chunk
     llm.runtime.prefill_chunk = 4
     try:
-        for event in chat.stream("A long message " * 8):
+        for event in chat.stream("A long message " * 40):  # 30 chunks: cancelled well before the last
             if isinstance(event, PrefillProgress):
                 chat.cancel()
     finally:
@@ -207,7 +205,7 @@ def test_cli_generate_runs_on_llama_cpp(models, capsys):
     out, err = capsys.readouterr()
     llm = load_f32(models["qwen3_5_text"][1])
     assert out == llm.generate("Hello", raw=True, temperature=0, max_tokens=4) + "\n"
-    assert "llama.cpp | prompt" in err and "generation: 4 tokens" in err
+    assert err.startswith("llama.cpp · prompt 1 tokens, ") and "· reply 4 tokens, " in err
     llm.close()
     assert main(["generate", gguf, "-p", "Hello", "--backend", "mlx"]) == 1
     assert "run a GGUF file with backend 'llama.cpp'" in capsys.readouterr().err
@@ -246,7 +244,7 @@ def wide(tmp_path_factory) -> tuple[Path, np.ndarray]:
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 def test_quantized_files_load_and_generate(wide, tmp_path, quant):
     src, expected = wide
-    llm = mlxqwen.load(convert_to_gguf(src, tmp_path / f"m-{quant}.gguf", quant))  # auto: a .gguf runs on llama.cpp
+    llm = mlxqwen.load(to_gguf(src, tmp_path / f"m-{quant}.gguf", quant))  # auto: a .gguf runs on llama.cpp
     assert llm.name == "llama.cpp"
     assert min_cosine(step_logits(llm, TOKENS), expected) > QUANT_CASES[quant][2]
     done = last(llm.stream("Hello", temperature=0.7, top_k=20, max_tokens=8, seed=1))
@@ -292,7 +290,7 @@ def test_backend_choice(models, tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_quantized_kv_cache(tmp_path, kv_bits):
     src = save_checkpoint(build_reference("qwen3", vocab_size=VOCAB, head_dim=32), tmp_path / "hf")
-    gguf = convert_to_gguf(src, tmp_path / "m.gguf", "F32")
+    gguf = to_gguf(src, tmp_path / "m.gguf", "F32")
     llm, reference = mlxqwen.load(gguf, kv_bits=kv_bits), load_f32(gguf)
     assert min_cosine(step_logits(llm, TOKENS), step_logits(reference, TOKENS)) > 0.99
     llm.close()
@@ -309,7 +307,7 @@ def test_recommended_sampling(models, tmp_path, monkeypatch):
     assert (llm.defaults.temperature, llm.defaults.top_k, llm.defaults.top_p) == (0.6, 20, 1.0)
     llm.close()
 
-    write_metadata = gguf_format._write_metadata
+    write_metadata = gguf_mapping.write_metadata
 
     def with_sampling(w, *args):  # the keys llama.cpp reads as a model's recommended sampling
         write_metadata(w, *args)
@@ -317,8 +315,8 @@ def test_recommended_sampling(models, tmp_path, monkeypatch):
         w.add_int32("general.sampling.top_k", 40)
         w.add_float32("general.sampling.top_p", 0.8)
 
-    monkeypatch.setattr(gguf_format, "_write_metadata", with_sampling)
-    llm = mlxqwen.load(convert_to_gguf(src, beside / "s.gguf", "F32"))
+    monkeypatch.setattr(gguf_mapping, "write_metadata", with_sampling)
+    llm = mlxqwen.load(to_gguf(src, beside / "s.gguf", "F32"))
     assert (llm.defaults.temperature, llm.defaults.top_k, llm.defaults.top_p) == pytest.approx((0.7, 40, 0.8))
     llm.close()
 

@@ -9,6 +9,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,13 +113,13 @@ def measured_models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """arch -> (Hugging Face checkpoint, its Q8_0 GGUF), with the real tokenizer's vocabulary; and
     the demo model's two forms."""
     pytest.importorskip("gguf")
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from checkpoints import to_gguf
 
     out = {"demo": (demo.model_path("mlx"), demo.model_path("gguf"))}  # 4-bit MLX, Q4_K_M
     for arch, overrides in ARCHS.items():
         tmp = tmp_path_factory.mktemp(arch)
         src = save_checkpoint(build_reference(arch, vocab_size=151936, **_MEASURED, **overrides), tmp / "hf")
-        out[arch] = src, convert_to_gguf(src, tmp / "model-Q8_0.gguf", "Q8_0")
+        out[arch] = src, to_gguf(src, tmp / "model-Q8_0.gguf", "Q8_0")
     return out
 
 
@@ -238,19 +239,20 @@ def sparse_gguf(config: dict, path: Path) -> Path:
     import gguf
     from mlx.utils import tree_flatten
     from mlxqwen.convert import gguf as writer
+    from mlxqwen.convert import gguf_mapping as mapping
 
     from mlxqwen.models import build_model
 
     cfg = parse_config(config)
-    arch = writer.llama_arch(cfg, str(path))
+    arch = mapping.llama_arch(cfg, str(path))
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer._write_metadata(w, cfg, arch, path.stem, str(path))
-    writer._write_tokenizer(w, TOKENIZER_DIR, cfg.vocab_size)
+    mapping.write_metadata(w, cfg, arch, path.stem, str(path))
+    mapping.write_tokenizer(w, TOKENIZER_DIR, cfg.vocab_size)
     names, data = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers), 0
     for key, value in tree_flatten(build_model(cfg).parameters()):  # lazy: nothing is computed
-        key, value = writer._to_llama(key, value, cfg)
+        key, value = mapping.to_llama(key, value, cfg)
         tensor = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        qtype = writer._tensor_type(tensor, value.shape, gguf.GGMLQuantizationType.Q8_0)
+        qtype = mapping.tensor_type(tensor, value.shape, gguf.GGMLQuantizationType.Q8_0)
         nbytes = writer._nbytes(value.shape, qtype)
         w.add_tensor_info(tensor, value.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
         data += nbytes + -nbytes % w.data_alignment
@@ -288,7 +290,8 @@ class _Allocations(logging.Handler):
 @pytest.mark.parametrize("shape", REAL_SHAPES)
 def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
     """For real Qwen shapes, llama.cpp plans its buffers (no_alloc: nothing is allocated, no
-    weight read) at long contexts, with several sequences, each K/V type: the estimate has its
+    weight read) at long contexts, with several sequences (and recurrent states kept to roll
+    back to), each K/V type: the estimate has its
     K/V cache and recurrent state exactly, never less than its compute and output buffers, and,
     as `load` runs it, at most 25 % more of them."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -307,10 +310,11 @@ def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
     log.addHandler(allocations)
     log.setLevel(logging.DEBUG)
     try:
-        for kv_type, n_ctx, n_seq in [("f16", 4096, 1), ("f16", 131072, 1), ("f16", 32768, 4), ("q8_0", 32768, 1),
-                                      ("f32", 16384, 1)]:  # fmt: skip
+        cases = [("f16", 4096, 1, 0), ("f16", 131072, 1, 0), ("f16", 32768, 4, 0), ("f16", 32768, 4, 3),
+                 ("q8_0", 32768, 1, 0), ("f32", 16384, 1, 0)]  # fmt: skip
+        for kv_type, n_ctx, n_seq, n_rs in cases:
             ctx_params = llama_cpp.llama_context_default_params()
-            ctx_params.n_ctx, ctx_params.n_seq_max = n_ctx, n_seq
+            ctx_params.n_ctx, ctx_params.n_seq_max, ctx_params.n_rs_seq = n_ctx, n_seq, n_rs
             ctx_params.n_batch = ctx_params.n_ubatch = backend.PREFILL_CHUNK
             ctx_params.n_outputs_max = n_seq
             ctx_params.type_k = ctx_params.type_v = backend._GGML_TYPES[kv_type]
@@ -322,8 +326,8 @@ def test_llama_estimate_covers_llama_cpps_allocations(shape, tmp_path):
             assert ctx
             llama_cpp.llama_free(ctx)
             got = allocations.sizes()
-            plan = memory.llama_estimate(model, n_ctx, kv_type=kv_type, n_seq_max=n_seq, n_outputs=n_seq)
-            case = (kv_type, n_ctx, n_seq, got)
+            plan = memory.llama_estimate(model, n_ctx, kv_type=kv_type, n_seq_max=n_seq, n_outputs=n_seq, n_rs_seq=n_rs)
+            case = (kv_type, n_ctx, n_seq, n_rs, got)
             assert plan.kv_cache / MiB == pytest.approx(got["KV"], abs=0.01), case
             assert plan.recurrent_state / MiB == pytest.approx(got["RS"], abs=0.01), case
             buffers = plan.working - memory._llama_graphs(model, backend.PREFILL_CHUNK)
@@ -390,7 +394,10 @@ def test_fit_command(hybrid_dir, capsys):
     out = capsys.readouterr().out
     assert "past the 65,536 tokens this model handles" in out and '"factor": 16384.0' in out
     assert main(["fit", str(hybrid_dir / "missing")]) == 1
-    assert "missing: not a model directory or GGUF file" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"mlxqwen fit: error: {hybrid_dir / 'missing'}: no such model directory or GGUF file, nor a local model name; "
+        "see mlxqwen list\n"
+    )
 
 
 def test_fit_without_weights_and_on_gguf(hybrid_dir, tmp_path, capsys, monkeypatch):
@@ -439,3 +446,31 @@ def test_fit_agrees_with_load_on_kv_bits(tmp_path, monkeypatch):
     assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
     with pytest.raises(ValueError, match="head size 16 is not a multiple of 32"):
         mlxqwen.load(save_checkpoint(build_reference("qwen3"), tmp_path / "h16"), kv_bits=8)
+
+
+@pytest.mark.parametrize("cache", [KVCache, QuantizedKVCache], ids=["kv", "quantized"])
+def test_a_snapshot_holds_only_what_it_counts(cache):
+    """A snapshot of 10 positions keeps those rows, not the 256-row buffer they were written into:
+    the prefix cache's budget counts snapshot bytes, so anything more would be memory it never sees."""
+    kv = cache()
+    kv.update_and_fetch(mx.ones((1, 4, 10, 64)), mx.ones((1, 4, 10, 64)))
+    mx.eval(kv.state)
+    mx.clear_cache()
+    before = mx.get_active_memory() - sum(a.nbytes for a in kv.state)
+    snapshot = kv.snapshot()
+    held = [a for part in snapshot[:2] for a in (part if isinstance(part, tuple) else (part,))]
+    mx.eval(held)
+    del kv
+    mx.clear_cache()
+    assert mx.get_active_memory() - before == sum(a.nbytes for a in held) < 40_000
+
+
+def test_idle_engine_gives_freed_buffers_back(hybrid_dir):
+    """Between requests MLX's cache of freed buffers is emptied: a long-running server's resident
+    memory is what it holds, not the most it ever used."""
+    llm = mlxqwen.load(hybrid_dir, backend="mlx")
+    llm.generate("Hello there", max_tokens=8, temperature=0)
+    deadline = time.monotonic() + 10
+    while mx.get_cache_memory() and time.monotonic() < deadline:  # the engine settles right after
+        time.sleep(0.05)
+    assert mx.get_cache_memory() == 0

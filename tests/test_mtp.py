@@ -19,6 +19,7 @@ from mlxqwen.demo import model_path
 from mlxqwen.engine import Request
 from mlxqwen.llm import last
 from mlxqwen.loader import load_model
+from mlxqwen.speculative import DepthChooser
 
 HEADED = ["qwen3_5_text", "qwen3_5_moe_text"]
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3 4 5 6 7 8 9 10", "A"]
@@ -173,3 +174,21 @@ def test_servers_report_the_guesses():
         done.stats.draft_tokens,
         done.stats.accepted_tokens,
     )
+
+
+@pytest.mark.parametrize("kept, best", [(0.0, 0), (0.9, 3), (0.5, 1)])
+def test_depth_follows_what_pays(kept, best):
+    """Steps cost 1 + 0.25 per guess (the first at each depth 10x: new shapes); guesses are kept
+    at `kept`: the chooser settles on the depth with the most tokens a second and probes the
+    others only now and then."""
+    chooser, rng = DepthChooser(), np.random.RandomState(0)
+    chosen = []
+    for _ in range(2000):
+        depth = chooser.choose(batch=1)
+        seconds = (1 + 0.25 * depth) * (10 if (depth, 1) not in chooser.measured else 1)
+        n = next((j for j in range(depth) if rng.rand() > kept), depth)
+        chooser.record(depth, 1, seconds, [n] if depth else [])
+        chosen.append(depth)
+    later = chosen[100:]
+    assert max(set(later), key=later.count) == best
+    assert later.count(best) / len(later) > 0.9

@@ -36,9 +36,12 @@ QUESTIONS = ["What is 12 + 30?", "What is 7 + 8?", "What is the capital of Franc
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A data folder whose library holds one model (a copy of the demo's MLX form), and an empty HF cache."""
+    """A data folder whose library holds two models, the demo's MLX form alone (`tiny-4bit`, which
+    runs on MLX) and its GGUF (`tiny-Q4_K_M.gguf`), and an empty HF cache."""
     root = tmp_path_factory.mktemp("home")
-    shutil.copytree(demo.model_path("mlx"), root / "data" / "models" / "tiny-4bit")
+    library = root / "data" / "models"
+    shutil.copytree(demo.model_path("mlx"), library / "tiny-4bit", ignore=shutil.ignore_patterns("*.gguf"))
+    shutil.copy(demo.model_path("gguf"), library / "tiny-Q4_K_M.gguf")
     return root
 
 
@@ -57,13 +60,13 @@ def server(home, env):
 def reference():
     """Greedy answers without thinking from the Python API, per backend."""
     llms = {
-        "mlxqwen-demo": mlxqwen.load(demo.model_path("mlx")),
-        "mlxqwen-demo-gguf": mlxqwen.load(demo.model_path("gguf")),
+        "tiny-4bit": mlxqwen.load(demo.model_path("mlx"), backend="mlx"),
+        "mlxqwen-demo": mlxqwen.load("mlxqwen-demo"),  # its GGUF, on llama.cpp
     }
     return {(name, q): llm.generate(q, temperature=0, think=False) for name, llm in llms.items() for q in QUESTIONS}
 
 
-@pytest.mark.parametrize("model", ["mlxqwen-demo", "mlxqwen-demo-gguf"])
+@pytest.mark.parametrize("model", ["tiny-4bit", "mlxqwen-demo"])
 def test_answers_equal_the_python_api_in_every_dialect(server, reference, model):
     auth = {"Authorization": f"Bearer {KEY}"}
     ollama_client = ollama.Client(host=server.url, headers=auth)
@@ -100,7 +103,7 @@ def test_api_key_is_required_in_each_dialect(server):
 
 
 def test_bodies_over_the_limit_are_a_413(server):
-    big = {"model": "mlxqwen-demo-gguf", "prompt": "x" * 100_000}
+    big = {"model": "mlxqwen-demo", "prompt": "x" * 100_000}
     r = httpx.post(f"{server.url}/api/generate", json=big, headers={"x-api-key": KEY})
     assert r.status_code == 413 and "over the server's limit" in r.json()["error"]
     chunks = (b"x" * 20_000 for _ in range(5))  # no Content-Length: counted as it arrives
@@ -111,8 +114,8 @@ def test_bodies_over_the_limit_are_a_413(server):
 def test_models_listed_pulled_and_deleted_only_in_the_library(server, home):
     headers = {"x-api-key": KEY}
     names = {m["name"] for m in httpx.get(f"{server.url}/api/tags", headers=headers).json()["models"]}
-    assert {"tiny-4bit", "mlxqwen-demo", "mlxqwen-demo-gguf"} <= names
-    for name, arch in [("mlxqwen-demo", "qwen3_5"), ("mlxqwen-demo-gguf", "qwen35")]:
+    assert {"tiny-4bit", "tiny-Q4_K_M.gguf", "mlxqwen-demo"} <= names
+    for name, arch in [("tiny-4bit", "qwen3_5"), ("tiny-Q4_K_M.gguf", "qwen35"), ("mlxqwen-demo", "qwen3_5")]:
         shown = ollama.Client(host=server.url, headers=headers).show(name)
         assert shown.modelinfo["general.architecture"] == arch and "enable_thinking" in shown.template
         assert {"completion", "tools", "thinking"} <= set(shown.capabilities)
@@ -132,7 +135,7 @@ def test_a_taken_port_is_one_line(capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["serve", "--port", str(port)]) == 2
+        assert main(["serve", "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
         f"mlxqwen serve: error: port {port} on 127.0.0.1 is taken (Ollama or another server?); choose one with --port N"
@@ -151,6 +154,30 @@ def test_listening_beyond_loopback_warns_without_a_key(monkeypatch, capsys):
     assert "warning: listening on 127.0.0.1 without --api-key" in capsys.readouterr().err
     assert main(["serve", "--port", str(free_port()), "--api-key", "k"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_serve_loads_models_with_the_options_given(monkeypatch):
+    import uvicorn
+
+    from mlxqwen import server
+
+    seen = {}
+
+    def pool(models, keep_alive, load):
+        seen.update(load.keywords)
+        return ModelPool(models, keep_alive=keep_alive, load=load)
+
+    monkeypatch.setattr(server, "ModelPool", pool)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: None)
+    assert main(["serve", "--port", str(free_port()), "--no-mtp", "--kv-bits", "8", "--max-queue", "0"]) == 0
+    assert seen == {
+        "backend": "auto",
+        "max_context": None,
+        "kv_bits": 8,
+        "rope_scaling": None,
+        "mtp": False,
+        "max_queue": 0,
+    }
 
 
 def test_pool_keeps_models_within_the_memory_budget():
@@ -191,7 +218,7 @@ def test_pool_keeps_models_within_the_memory_budget():
 def test_bounded_load(server, reference):
     """16 clients x 5 requests, streamed or not, one in four leaving early: every request gets its
     own answer (or a 503), and the server's memory comes back near where it started."""
-    model, headers = "mlxqwen-demo-gguf", {"x-api-key": KEY}
+    model, headers = "mlxqwen-demo", {"x-api-key": KEY}
 
     def rss() -> int:
         status = Path(f"/proc/{server.process.pid}/status").read_text()
@@ -263,7 +290,7 @@ def _turn(dialect: str, client, model: str, history: list[dict]) -> tuple[str, i
 def test_stateless_ten_turn_chat_computes_only_each_new_turn(server, dialect):
     """Each turn resends the whole conversation; the prefix cache leaves only what is new since the
     last turn's prompt to compute, and the answers are those of the Python API without any cache."""
-    model = "mlxqwen-demo-gguf"
+    model = "mlxqwen-demo"
     client = {
         "ollama": lambda: ollama.Client(host=server.url, headers={"x-api-key": KEY}),
         "openai": lambda: openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0),
@@ -284,9 +311,9 @@ def test_stateless_ten_turn_chat_computes_only_each_new_turn(server, dialect):
 
 
 def test_a_full_queue_is_a_503_with_retry_after(home, env):
-    command = serve_command("mlxqwen-demo-gguf", "--max-concurrent", "1", "--max-queue", "1")
+    command = serve_command("mlxqwen-demo", "--max-concurrent", "1", "--max-queue", "1")
     with running(command, home / "queue.log", env) as server:
-        body = {"model": "mlxqwen-demo-gguf", "prompt": "What is 12 + 30?", "stream": False}
+        body = {"model": "mlxqwen-demo", "prompt": "What is 12 + 30?", "stream": False}
         with httpx.Client(timeout=120) as c:
             results: list[httpx.Response] = []
             threads = [

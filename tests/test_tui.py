@@ -8,7 +8,11 @@ screens."""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -19,14 +23,21 @@ import pytest
 import safetensors.numpy
 from checkpoints import TOKENIZER_DIR, build_reference, save_checkpoint
 from mlxqwen.tui.app import ChatApp
+from mlxqwen.tui.chat import ChatController
+from mlxqwen.tui.commands import COMMANDS, help_markdown
 from mlxqwen.tui.fit import memory_plan
 from mlxqwen.tui.screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
 from mlxqwen.tui.store import ChatSettings, ChatStore
 from mlxqwen.tui.widgets import AssistantMessage, ChatInput, ChatMarkdown, CopyableFence, ToolCallBlock, UserMessage
 from scripted import ScriptedRuntime, scripted_llm
+from textual.widgets import Markdown
+from textual.widgets._footer import FooterKey
+from textual.widgets.markdown import MarkdownBlock
 
 import mlxqwen.demo
 import mlxqwen.memory
+from mlxqwen.display import format_size
+from mlxqwen.llm import last
 from mlxqwen.tokenizer import Tokenizer
 
 GiB = 1024**3
@@ -121,7 +132,7 @@ def stored(app: ChatApp) -> list[tuple[dict, str]]:
 
 
 def conversation(app: ChatApp) -> list[dict]:
-    return app.session.history[app.system_offset :]
+    return app.chat.session.conversation
 
 
 # --- real model -----------------------------------------------------------------------
@@ -141,7 +152,7 @@ async def test_send_streams_answer_saved_and_shown(tiny_model, store_path):
         stats = app.store.messages(app.chat.id)[-1].stats
         assert stats["generated_tokens"] == 8 and stats["finish_reason"] == "length"
         assert app.title == "Hello there"
-        assert f"ctx {app.session.tokens:,}/4,096" in str(app.query_one("#status-text").render())
+        assert f"ctx {app.chat.session.tokens:,}/4,096" in str(app.query_one("#status-text").render())
     assert app.engine_stopped
 
 
@@ -192,7 +203,7 @@ async def test_regenerate_and_edit_use_the_session_snapshots(tiny_model, store_p
         app.apply_settings(ChatSettings(think=False, temperature=1.0, max_tokens=6))
         await send(pilot, "First question")
         await send(pilot, "Second question")
-        cached = app.session.tokens
+        cached = app.chat.session.tokens
 
         await pilot.press("ctrl+r")
         await answered(pilot)
@@ -232,7 +243,7 @@ async def test_chat_persists_and_reopens(tiny_model, store_path):
         await ready(pilot)
         assert app.model_path == tiny_model
         await send(pilot, "Do you?")
-        assert app.session.history[0] == {"role": "system", "content": "Be brief."}
+        assert app.chat.session.history[0] == {"role": "system", "content": "Be brief."}
         assert [m for m, _ in stored(app)] == conversation(app)
         assert conversation(app)[:2] == [m for m, _ in first]
 
@@ -365,9 +376,9 @@ async def test_settings_screen_changes_the_chat(store_path):
         expected = ChatSettings(system="You are terse.", think=False, temperature=0.7, top_p=None, max_tokens=64)
         assert app.chat.settings == expected
         assert app.store.chat(app.chat.id).settings == expected
-        assert app.session is None  # a new system prompt: the conversation is read again
+        assert app.chat.session is None  # a new system prompt: the conversation is read again
         await send(pilot, "Again")
-        assert app.session.history[0] == {"role": "system", "content": "You are terse."}
+        assert app.chat.session.history[0] == {"role": "system", "content": "You are terse."}
 
 
 async def test_slash_commands(store_path, tmp_path):
@@ -437,8 +448,9 @@ async def test_model_picker_lists_local_models_with_a_memory_verdict(tiny_model,
         assert isinstance(picker, ModelPicker)
         await until(pilot, lambda: picker.models and "✓" in str(picker.query_one("DataTable").get_row_at(0)[4]))
         row = picker.query_one("DataTable").get_row_at(0)
-        assert [str(row[0]), row[1], row[3], row[5]] == ["● tiny-qwen3.5", "MLX", "0.02 GB", "library"]
-        assert "/16 GiB" in str(row[4])
+        size = format_size(sum(f.stat().st_size for f in tiny_model.iterdir()))  # as `mlxqwen list` says it
+        assert [str(row[0]), row[1], row[3], row[5]] == ["● tiny-qwen3.5", "MLX", size, "library"]
+        assert size.endswith(" MB") and "/16.0 GiB" in str(row[4])
 
 
 async def test_without_any_model_the_picker_says_what_to_do(store_path):
@@ -482,14 +494,139 @@ async def test_engine_thread_is_gone_after_exit(store_path):
     assert not Path(f"/proc/self/task/{thread.native_id}").exists()
 
 
+async def test_quitting_is_in_sight(store_path):
+    """Ctrl+Q is in the footer (also over a dialog) and in /help, and /quit leaves."""
+    app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+
+        def quit_shown() -> bool:
+            return ("ctrl+q", "Quit") in {(k.key, k.description) for k in app.query(FooterKey)}
+
+        await until(pilot, quit_shown)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await until(pilot, quit_shown)
+        assert "`/quit` (**Ctrl+Q**)" in app.screen.query_one(Markdown).source
+        await pilot.press("escape")
+        app.query_one(ChatInput).text = "/quit"
+        await pilot.press("enter")
+        await until(pilot, lambda: app._exit)
+
+
+async def test_every_command_from_one_table(store_path):
+    """Keys, palette, slash commands and help all come from `COMMANDS`."""
+    app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        keys = {b.key: b.action for b in app._bindings.key_to_bindings and app.BINDINGS}
+        palette = {c.title for c in app.get_system_commands(app.screen)}
+        for command in COMMANDS:
+            assert callable(getattr(app, f"action_{command.action}")), command
+            assert f"/{command.name}" in help_markdown()
+            if command.key:
+                assert keys[command.key] == command.action
+            if command.name not in ("stop", "quit"):
+                assert command.title in palette
+        await send(pilot, "/think off")  # a slash command with an argument
+        assert not app.chat.settings.think
+        await pilot.press("ctrl+t")  # the same command from its key
+        assert app.chat.settings.think
+
+
+async def test_status_line_names_the_model_as_mlxqwen_list_does(tiny_model, store_path):
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--Qwen--Tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    backend = ScriptedReplies(["Hi."])
+    app = ChatApp(snapshot, store=ChatStore(store_path), loader=lambda path: scripted_llm(backend))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert str(app.query_one("#status-text").render()).startswith("Qwen/Tiny · scripted · ")
+
+
+async def test_speed_shows_while_generating_and_thinking_keeps_its_lines(store_path, monkeypatch):
+    monkeypatch.setattr("mlxqwen.tui.app.SPEED_EVERY", 0.0)
+    reply = "Step one: 7 + 8 = 15\nStep two: 3 + 4 + 1 = 8\n</think>\n\n85."
+    gate = threading.Event()  # holds the reply at </think>
+    backend = ScriptedReplies([reply], gates={Tokenizer.from_dir(TOKENIZER_DIR).encode(reply).index(151668): gate})
+    app = scripted_app(store_path, backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.query_one(ChatInput).text = "What is 37 + 48?"
+        await pilot.press("enter")
+        status = app.query_one("#status-text")
+        await until(pilot, lambda: re.search(r"generating [\d.]+ tok/s", str(status.render())))
+        thinking = app.query_one(AssistantMessage).thinking
+        await until(pilot, lambda: any("Step two" in m.source for m in thinking.query(ChatMarkdown)))
+        await pilot.pause(0.1)
+        shown = "\n".join(str(p.render()) for p in thinking.query(MarkdownBlock))
+        assert "7 + 8 = 15\nStep two" in shown  # one line each, as the model wrote them
+        gate.set()
+        await answered(pilot)
+        await until(pilot, lambda: "generating" not in str(status.render()))
+        assert " tok/s · TTFT " in str(status.render())
+
+
+async def test_the_status_line_counts_the_mtp_heads_guesses(store_path):
+    """The demo model on MLX guesses tokens with its MTP head; the status line says how many it kept."""
+    loader = functools.partial(mlxqwen.load, backend="mlx", mtp_depth=2)
+    app = ChatApp(mlxqwen.demo.DEMO_DIR, store=ChatStore(store_path), loader=loader)
+    async with app.run_test(size=(160, 32)) as pilot:
+        await ready(pilot)
+        await send(pilot, "What is 37 + 48?")
+        stats = app.chat.messages[-1].stats
+        assert 0 < stats["accepted_tokens"] <= stats["draft_tokens"]
+        status = str(app.query_one("#status-text").render())
+        assert status.endswith(f" · MTP {stats['accepted_tokens']}/{stats['draft_tokens']} drafts accepted")
+
+
+async def test_a_load_note_shows_once_on_this_machine(store_path):
+    def noting_loader(path):
+        logging.getLogger("mlxqwen").warning("this model would run faster on llama.cpp")
+        return ScriptedReplies(["Hi."])
+
+    for shown in (True, False):
+        app = scripted_app(store_path, ScriptedReplies(["Hi."]))
+        app.loader = noting_loader
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            await ready(pilot)
+            notes = [n.message for n in app._notifications]
+            assert ("this model would run faster on llama.cpp" in notes) is shown
+
+
+def test_a_chat_keeps_its_session_while_it_holds_the_conversation(store_path):
+    """The controller resumes the chat's session turn after turn; once the store holds another
+    conversation (a turn dropped), a new session reads it."""
+    llm = scripted_llm(ScriptedReplies(["One.", "Two.", "Three."]))
+    chat = ChatController.new(ChatStore(store_path), ChatSettings(system="Be brief.", think=False))
+    sessions = []
+    for text in ("First", "Second"):
+        base = chat.history()
+        _, reply = chat.add_turn(text, None)
+        chat.finish(reply, last(chat.send(llm, base, text)))
+        sessions.append(chat.session)
+    session = sessions[0]
+    assert sessions == [session, session] and session.conversation == chat.history()
+    assert session.history[0] == {"role": "system", "content": "Be brief."}
+    chat.drop(2)
+    _, reply = chat.add_turn("Third", None)
+    chat.finish(reply, last(chat.send(llm, chat.history(-2), "Third")))
+    assert chat.session is not session and chat.session.conversation == chat.history()
+    stored = [m.message["content"] for m in chat.store.messages(chat.id)]
+    assert stored == ["First", "One.", "Third", "Three."] and chat.title == "First"
+
+
 def test_cli_registers_chat(capsys):
     from mlxqwen.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["chat", "--help"])
     assert exit_.value.code == 0
-    assert main(["chat", "no-such-model"]) == 2
-    assert "no-such-model: no such local model" in capsys.readouterr().err
+    assert main(["chat", "no-such-model"]) == 1
+    assert capsys.readouterr().err.startswith("mlxqwen chat: error: no-such-model: no such model directory")
 
 
 def test_memory_plan_counts_the_weights(tiny_model, monkeypatch):

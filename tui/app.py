@@ -4,11 +4,13 @@
 The UI is up at once; the model loads behind it on the engine thread (`EngineThread`),
 and a message sent meanwhile is answered once it is ready. A reply streams through a
 `ChatSession`, which keeps the model's cache between turns; regenerate and edit-last go
-back to its snapshots. Every message is saved to the chat store as it is written."""
+back to its snapshots. Each chat's session and store row live in its `ChatController`
+(`tui/chat.py`); every message is saved to the chat store as it is written."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import time
@@ -18,29 +20,29 @@ from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 import mlxqwen
-from mlxqwen import ChatSession, Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
-from mlxqwen.events import assistant_message
-from mlxqwen.library import ModelNotFoundError, data_dir, default_model, find_model
+from mlxqwen import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
+from mlxqwen.display import format_stats
+from mlxqwen.errors import ModelNotFoundError
+from mlxqwen.events import reply_message
+from mlxqwen.library import data_dir, default_model, model_name, resolve_model
+from mlxqwen.notes import collect, first_time
 
+from .chat import ChatController
+from .commands import COMMANDS, SLASH, Command, bindings, palette_help
 from .engine import EngineThread
 from .fit import memory_plan
 from .screens import ChatList, HelpScreen, ModelPicker, SettingsScreen
-from .store import NEW_CHAT_TITLE, Chat, ChatSettings, ChatStore, StoredMessage, to_markdown
-from .widgets import AssistantMessage, ChatInput, CopyableFence, StatusLine, UserMessage, copy_code, describe_stats
+from .store import ChatSettings, ChatStore, StoredMessage, to_markdown
+from .widgets import AssistantMessage, ChatInput, CopyableFence, StatusLine, UserMessage, copy_code
 
 SAVE_EVERY = 0.5  # seconds between saves of a reply being generated
+SPEED_EVERY = 0.5  # seconds between updates of the speed shown while generating
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
-
-
-def _title(text: str) -> str:
-    line = text.strip().splitlines()[0].strip()
-    return line if len(line) <= 48 else line[:47] + "…"
 
 
 class ChatApp(App):
@@ -50,17 +52,7 @@ class ChatApp(App):
     #empty { color: $text-muted; width: 100%; content-align: center middle; height: 1fr; }
     ChatInput { margin: 0 1; }
     """
-    BINDINGS = [
-        Binding("escape", "stop", "Stop"),
-        Binding("ctrl+n", "new_chat", "New"),
-        Binding("ctrl+o", "chats", "Chats"),
-        Binding("ctrl+l", "pick_model", "Model"),
-        Binding("ctrl+s", "settings", "Settings"),
-        Binding("ctrl+r", "regenerate", "Retry"),
-        Binding("ctrl+t", "toggle_think", "Think"),
-        Binding("ctrl+b", "copy_code", "Copy code"),
-        Binding("f1", "help", "Help"),
-    ]
+    BINDINGS = bindings()
 
     def __init__(
         self,
@@ -83,14 +75,14 @@ class ChatApp(App):
         self.engine_stopped = False
         self.llm: Any = None
         self.model_path: Path | None = None
+        self.model_name = ""  # as `mlxqwen list` names it
         self.loading = False
         self.load_error: str | None = None
-        self.session: ChatSession | None = None
-        self.chat: Chat = Chat(0, NEW_CHAT_TITLE, None, ChatSettings(), 0.0, 0.0)  # id 0: not saved yet
-        self.messages: list[StoredMessage] = []
+        self.chat = ChatController.new(self.store)
         self.generating = False
         self.stopping = False
         self.prefill: PrefillProgress | None = None
+        self.speed: float | None = None  # tokens/s of the reply being generated, so far
         self.pending: tuple[Callable[[], None], str] | None = None  # a turn waiting for the model, its text
         self.editing = False
 
@@ -119,11 +111,11 @@ class ChatApp(App):
         return self.query_one("#chat", VerticalScroll)
 
     async def show_chat(self) -> None:
-        """Rebuild the message view from `self.messages`."""
+        """Rebuild the message view from the chat's messages."""
         self.title = self.chat.title
         view = self.chat_view
         await view.remove_children()
-        widgets = [UserMessage(m) if m.role == "user" else AssistantMessage(m) for m in self.messages]
+        widgets = [UserMessage(m) if m.role == "user" else AssistantMessage(m) for m in self.chat.messages]
         await view.mount_all(widgets or [Static(_EMPTY, id="empty")])
         view.scroll_end(animate=False)
         self.update_status()
@@ -131,23 +123,25 @@ class ChatApp(App):
     def update_status(self) -> None:
         status = self.query_one(StatusLine)
         if self.loading:
-            status.show(f"Loading {self.model_path.name}…", loading=True)
+            status.show(f"Loading {self.model_name}…", loading=True)
             return
         if self.model_path is None or self.llm is None:
             status.show(self.load_error or "No model · Ctrl+L chooses one", error=bool(self.load_error))
             return
-        used = f"{self.session.tokens:,}" if self.session is not None else "—"
-        parts = [self.model_path.name, self.llm.name, f"ctx {used}/{self.llm.max_context:,}"]
+        session = self.chat.session
+        used = f"{session.tokens:,}" if session is not None else "—"
+        parts = [self.model_name, self.llm.name, f"ctx {used}/{self.llm.max_context:,}"]
         if self.generating:
             if self.stopping:
                 parts.append("stopping…")
             elif self.prefill is not None:
                 parts.append(f"reading prompt {self.prefill.done:,}/{self.prefill.total:,}")
             else:
-                parts.append("generating…")
+                parts.append("generating" + (f" {self.speed:.1f} tok/s" if self.speed else "…"))
         else:
-            last = next((m for m in reversed(self.messages) if m.role == "assistant"), None)
-            parts += describe_stats(last.stats if last else None)
+            last = next((m for m in reversed(self.chat.messages) if m.role == "assistant"), None)
+            if last is not None and last.stats:
+                parts.append(format_stats(last.stats))
         if not self.chat.settings.think:
             parts.append("thinking off")
         status.show(" · ".join(parts))
@@ -167,23 +161,33 @@ class ChatApp(App):
                 model = await asyncio.to_thread(default_model)
             except ModelNotFoundError:
                 self.update_status()
-                self.action_pick_model()
+                self.action_model()
                 return
             self.load_model(model.path)
 
     @work(exclusive=True, group="load", exit_on_error=False)
     async def load_model(self, path: Path) -> None:
         await self.stop_generation()
-        self.llm, self.session = None, None  # release the old model before reading the new one
-        self.model_path, self.loading, self.load_error = path, True, None
+        self.llm, self.chat.session = None, None  # release the old model before reading the new one
+        self.model_path, self.model_name, self.loading, self.load_error = path, path.name, True, None
         self.update_status()
+        self.model_name = await asyncio.to_thread(model_name, path)  # the library's name: a cache entry's repo id
+        self.update_status()
+
+        def load() -> tuple[Any, list[str]]:
+            with collect() as notes:
+                return self.loader(path), notes
+
         try:
-            llm = await self.engine.run(lambda: self.loader(path))
+            llm, notes = await self.engine.run(load)
         except Exception as e:
-            self.loading, self.load_error = False, f"Could not load {path.name}: {e}"
-            self.notify(str(e), title=f"Could not load {path.name}", severity="error", timeout=10)
+            self.loading, self.load_error = False, f"Could not load {self.model_name}: {e}"
+            self.notify(str(e), title=f"Could not load {self.model_name}", severity="error", timeout=10, markup=False)
             self.update_status()
             return
+        for note in notes:
+            if first_time(note):
+                self.notify(note, title=self.model_name, timeout=15, markup=False)
         self.llm, self.loading = llm, False
         self.store.put("last_model", str(path))
         if self.chat.id:
@@ -218,46 +222,31 @@ class ChatApp(App):
         if self.pending is not None:
             _, text = self.pending
             self.pending = None
-            await self._drop_messages(len(self.messages) - 2)
+            await self._drop_messages(len(self.chat.messages) - 2)
             box = self.query_one(ChatInput)
             if not box.text:
                 box.text = text
 
     async def open_chat(self, chat_id: int) -> None:
         await self.wait_idle()
-        self.chat = self.store.chat(chat_id)
-        self.messages = self.store.messages(chat_id)
-        self.session, self.editing = None, False
+        self.chat, self.editing = ChatController.open(self.store, chat_id), False
         await self.show_chat()
 
     async def new_chat(self) -> None:
         await self.wait_idle()
         settings = ChatSettings(think=self.chat.settings.think)  # thinking carries over, the rest is per chat
-        self.chat = Chat(0, NEW_CHAT_TITLE, None, settings, 0.0, 0.0)
-        self.messages, self.session, self.editing = [], None, False
+        self.chat, self.editing = ChatController.new(self.store, settings), False
         await self.show_chat()
-
-    def save_chat(self, first_message: str) -> None:
-        """Give a new chat its row in the store, titled after its first message."""
-        if self.chat.id:
-            return
-        model = str(self.model_path) if self.model_path else None
-        chat = self.store.new_chat(self.chat.settings, model)
-        self.store.rename(chat.id, _title(first_message))
-        self.chat = self.store.chat(chat.id)
-        self.title = self.chat.title
-
-    def history(self, messages: Iterable[StoredMessage]) -> list[dict[str, Any]]:
-        return [m.message for m in messages]
 
     # --- turns --------------------------------------------------------------------------
 
     @on(ChatInput.Submitted)
     async def submitted(self, event: ChatInput.Submitted) -> None:
         text = event.text.strip()
-        if text.startswith("/") and text[1:].split(" ")[0] in SLASH_COMMANDS:
+        name, _, argument = text[1:].partition(" ")
+        if text.startswith("/") and name in SLASH:
             self.query_one(ChatInput).clear()
-            await self.run_slash(text)
+            await self.run_command(SLASH[name], argument.strip())
             return
         if self.generating or self.pending is not None:
             self.notify("Wait for the answer, or press Esc to stop it", severity="warning")
@@ -271,10 +260,8 @@ class ChatApp(App):
 
     async def _add_turn(self, text: str) -> tuple[StoredMessage, AssistantMessage]:
         """Save and show the user's message and an empty reply to stream into."""
-        self.save_chat(text)
-        user = self.store.add_message(self.chat.id, {"role": "user", "content": text})
-        reply = self.store.add_message(self.chat.id, assistant_message("", "", ()), status="streaming")
-        self.messages += [user, reply]
+        user, reply = self.chat.add_turn(text, str(self.model_path) if self.model_path else None)
+        self.title = self.chat.title
         widget = AssistantMessage(reply, live=True)
         for empty in self.query("#empty"):
             await empty.remove()
@@ -284,100 +271,53 @@ class ChatApp(App):
 
     async def send(self, text: str) -> None:
         reply, widget = await self._add_turn(text)
-        base = self.history(self.messages[:-2])
-        self.start_turn(lambda session: self._send(session, base, text), base, text, reply, widget)
-
-    def _last_user_index(self) -> int | None:
-        return next((i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i].role == "user"), None)
+        chat, base = self.chat, self.chat.history(-2)
+        self.start_turn(lambda: chat.send(self.llm, base, text), base, text, reply, widget)
 
     async def regenerate(self) -> None:
-        last_user = self._last_user_index()
+        chat = self.chat
+        last_user = chat.last_user_index()
         if last_user is None:
             self.notify("No message to answer yet")
             return
-        user_message = self.messages[last_user].message
-        text = user_message["content"]
+        user = chat.messages[last_user].message
         await self._drop_messages(last_user + 1)
-        reply = self.store.add_message(self.chat.id, assistant_message("", "", ()), status="streaming")
-        self.messages.append(reply)
+        reply = chat.add_reply()
         widget = AssistantMessage(reply, live=True)
         await self.chat_view.mount(widget)
         self.chat_view.anchor()
-        base = self.history(self.messages[:last_user])
-
-        def events(session: ChatSession | None) -> Iterator:
-            # the session's snapshots serve when its last turn is the one being redone
-            if session is not None and session.history[self.system_offset :][:-1] == base + [user_message]:
-                try:  # a changed thinking setting reads the message again
-                    return session.stream_regenerate(**self.turn_options())
-                except RuntimeError:  # no turn to go back to
-                    pass
-            return self._send(None, base, text)
-
-        self.start_turn(events, base, text, reply, widget)
+        base = chat.history(last_user)
+        self.start_turn(lambda: chat.regenerate(self.llm, base, user), base, user["content"], reply, widget)
 
     async def edit_last(self, text: str) -> None:
-        last_user = self._last_user_index()
+        chat = self.chat
+        last_user = chat.last_user_index()
         if last_user is None:
             await self.send(text)
             return
-        old = self.history(self.messages[last_user:])
+        old = chat.history()[last_user:]
         await self._drop_messages(last_user)
         reply, widget = await self._add_turn(text)
-        base = self.history(self.messages[:-2])
-
-        def events(session: ChatSession | None) -> Iterator:
-            if session is not None and len(old) == 2 and session.history[self.system_offset :] == base + old:
-                try:
-                    return session.stream_edit_last(text, **self.turn_options())
-                except RuntimeError:  # no turn to go back to
-                    pass
-            return self._send(None, base, text)
-
-        self.start_turn(events, base, text, reply, widget)
-
-    def _send(self, session: ChatSession | None, base: list[dict[str, Any]], text: str) -> Iterator:
-        """Events of `text` sent after `base` (on the engine thread)."""
-        return self.session_for(base, session).stream(text, **self.turn_options())
+        base = chat.history(-2)
+        self.start_turn(lambda: chat.edit_last(self.llm, base, old, text), base, text, reply, widget)
 
     async def _drop_messages(self, start: int) -> None:
         """Remove messages from index `start` on, from the view and the store."""
-        if start >= len(self.messages):
-            return
-        self.store.delete_messages(self.chat.id, self.messages[start].id)
-        dropped = {m.id for m in self.messages[start:]}
-        del self.messages[start:]
+        dropped = self.chat.drop(start)
         for widget in list(self.chat_view.children):
             if getattr(widget, "stored", None) is not None and widget.stored.id in dropped:
                 await widget.remove()
 
-    def turn_options(self) -> dict[str, Any]:
-        return dict(think=self.chat.settings.think, **self.chat.settings.overrides())
-
-    @property
-    def system_offset(self) -> int:
-        return 1 if self.chat.settings.system else 0
-
-    def session_for(self, history: list[dict[str, Any]], session: ChatSession | None) -> ChatSession:
-        """`session` if its conversation is `history`, else a new one that resumes `history`
-        (and reads it all at its first turn). Runs on the engine thread."""
-        if session is None or session.history[self.system_offset :] != history:
-            settings = self.chat.settings
-            self.session = session = self.llm.chat(
-                system=settings.system or None, think=settings.think, history=history
-            )
-        return session
-
     def start_turn(
         self,
-        events: Callable[[ChatSession], Iterator],
+        events: Callable[[], Iterator],
         base: list[dict[str, Any]],
         text: str,
         reply: StoredMessage,
         widget: AssistantMessage,
     ) -> None:
-        """Generate `reply` once the model is ready. events(current session or None) starts
-        the generation, on the engine thread; `base` is the conversation before `text`."""
+        """Generate `reply` once the model is ready. events() starts the generation, on the
+        engine thread; `base` is the conversation before `text`."""
 
         def run() -> None:
             self.generate(events, base, text, reply, widget)
@@ -391,13 +331,13 @@ class ChatApp(App):
     @work(exclusive=True, group="generate", exit_on_error=False)
     async def generate(
         self,
-        events: Callable[[ChatSession], Iterator],
+        events: Callable[[], Iterator],
         base: list[dict[str, Any]],
         text: str,
         reply: StoredMessage,
         widget: AssistantMessage,
     ) -> None:
-        self.generating, self.stopping, self.prefill = True, False, None
+        self.generating, self.stopping, self.prefill, self.speed = True, False, None, None
         self.refresh_bindings()
         self.update_status()
         loop = asyncio.get_running_loop()
@@ -406,23 +346,29 @@ class ChatApp(App):
         def produce() -> None:
             # runs on the engine thread; hands every event to the UI loop, then None
             try:
-                for event in events(self.session):
+                for event in events():
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         job = self.engine.submit(produce)
         parts: list[ThinkingDelta | TextDelta | ToolCall] = []
-        saved = time.monotonic()
+        saved = shown = time.monotonic()
+        first: float | None = None  # when the first piece came; each piece is about one token
         done: Done | None = None
         while (event := await queue.get()) is not None:
             if isinstance(event, (ThinkingDelta, TextDelta, ToolCall)):
                 parts.append(event)
                 await widget.add(event)
-                if time.monotonic() - saved > SAVE_EVERY:
-                    reply.message = _partial(parts)
+                now = time.monotonic()
+                first = first or now
+                if now - shown > SPEED_EVERY and now > first:
+                    self.speed, shown = (len(parts) - 1) / (now - first), now
+                    self.update_status()
+                if now - saved > SAVE_EVERY:
+                    reply.message = reply_message(parts)
                     self.store.update_message(reply)
-                    saved = time.monotonic()
+                    saved = now
             elif isinstance(event, PrefillProgress):
                 self.prefill = event
                 self.update_status()
@@ -435,23 +381,16 @@ class ChatApp(App):
             error = e
         self.generating, self.stopping, self.prefill = False, False, None
         self.refresh_bindings()
-        session_history = self.session.history[self.system_offset :] if self.session is not None else []
-        if done is None or len(session_history) < len(base) + 2:
+        if done is None or not self.chat.answered(base):
             # the session dropped the turn (stopped or failed while reading the prompt)
-            await self._drop_messages(len(self.messages) - 2)
+            await self._drop_messages(len(self.chat.messages) - 2)
             input_box = self.query_one(ChatInput)
             if not input_box.text:
                 input_box.text = text
             if error is not None:
-                self.notify(str(error), title="Could not answer", severity="error", timeout=10)
+                self.notify(str(error), title="Could not answer", severity="error", timeout=10, markup=False)
         else:
-            stopped = done.finish_reason == "cancelled"
-            reply.message, reply.status, reply.stats = (
-                done.to_message(),
-                "stopped" if stopped else "done",
-                vars(done.stats),
-            )
-            self.store.update_message(reply)
+            self.chat.finish(reply, done)
             await widget.finish(reply.status, reply.stats)
         self.update_status()
 
@@ -463,8 +402,8 @@ class ChatApp(App):
             self.editing = False
             self.query_one(ChatInput).clear()
             return
-        if self.generating and self.session is not None:
-            self.session.cancel()
+        if self.generating and self.chat.session is not None:
+            self.chat.session.cancel()
             self.stopping = True
             self.update_status()
 
@@ -489,12 +428,20 @@ class ChatApp(App):
             elif self.chat.id and self.store.chat(self.chat.id) is None:
                 await self.new_chat()  # the open chat was deleted
             elif self.chat.id:
-                self.chat = self.store.chat(self.chat.id)
+                self.chat.row = self.store.chat(self.chat.id)  # renamed there, perhaps
                 self.title = self.chat.title
 
         self.push_screen(ChatList(self.store, self.chat.id), chosen)
 
-    def action_pick_model(self) -> None:
+    def action_model(self, name: str = "") -> None:
+        """Open the model named (a name from `mlxqwen list` or a path), else the model picker."""
+        if name:
+            try:
+                self.load_model(resolve_model(name))
+            except ModelNotFoundError as e:
+                self.notify(str(e), severity="error", markup=False)
+            return
+
         def chosen(path: Path | None) -> None:
             if path is not None and path != self.model_path:
                 self.load_model(path)
@@ -514,19 +461,23 @@ class ChatApp(App):
         self.push_screen(SettingsScreen(self.chat.settings, defaults), chosen)
 
     def apply_settings(self, settings: ChatSettings) -> None:
-        if settings.system != self.chat.settings.system:
-            self.session = None  # the system message starts the conversation: read it all again
-        self.chat.settings = settings
-        if self.chat.id:
-            self.store.save_settings(self.chat.id, settings)
+        self.chat.apply(settings)
         self.update_status()
 
-    def action_toggle_think(self) -> None:
-        self.set_think(not self.chat.settings.think)
+    def action_system(self, text: str = "") -> None:
+        if not text:
+            self.action_settings()
+            return
+        self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "system": text}))
+        self.notify("System prompt set", timeout=2)
 
-    def set_think(self, on: bool) -> None:
-        settings = ChatSettings(**{**vars(self.chat.settings), "think": on})
-        self.apply_settings(settings)
+    def action_think(self, switch: str = "") -> None:
+        """Thinking on or off ("on", "off"; nothing: the other way round)."""
+        if switch not in ("", "on", "off"):
+            self.notify("/think takes on or off", severity="error")
+            return
+        on = switch == "on" if switch else not self.chat.settings.think
+        self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "think": on}))
         self.notify(f"Thinking {'on' if on else 'off'}", timeout=2)
 
     async def action_regenerate(self) -> None:
@@ -537,7 +488,7 @@ class ChatApp(App):
     def action_edit_last(self) -> None:
         if self.generating or self.pending is not None:
             return
-        user = next((m for m in reversed(self.messages) if m.role == "user"), None)
+        user = next((m for m in reversed(self.chat.messages) if m.role == "user"), None)
         if user is None:
             self.notify("No message to edit yet")
             return
@@ -571,16 +522,22 @@ class ChatApp(App):
         if name is not None:
             self.store.put("theme", name)
 
-    async def clear_chat(self) -> None:
+    def action_rename(self, title: str = "") -> None:
+        if not title:
+            self.notify("/rename takes the new title", severity="error")
+        else:
+            self.chat.rename(title)
+            self.title = self.chat.title
+
+    async def action_clear(self) -> None:
         await self.wait_idle()
-        if self.chat.id:
-            self.store.delete_messages(self.chat.id)
-        self.messages = []
-        if self.session is not None:
-            await self.engine.run(self.session.reset)
+        self.chat.clear()
+        if self.chat.session is not None:
+            await self.engine.run(self.chat.session.reset)
         await self.show_chat()
 
-    def export_chat(self, target: str | None) -> None:
+    def action_export(self, target: str = "") -> None:
+        """Save the chat as Markdown: to `target` (a file, or a folder), else into the working folder."""
         if not self.chat.id:
             self.notify("Nothing to export yet")
             return
@@ -590,84 +547,32 @@ class ChatApp(App):
             path = path / f"{slug}.md"
         tmp = path.with_name(f".{path.name}.partial")
         try:
-            tmp.write_text(to_markdown(self.chat, self.messages), encoding="utf-8")
+            tmp.write_text(to_markdown(self.chat.row, self.chat.messages), encoding="utf-8")
             os.replace(tmp, path)
         except OSError as e:
-            self.notify(f"{path}: {e.strerror}", title="Could not export", severity="error")
+            self.notify(f"{path}: {e.strerror}", title="Could not export", severity="error", markup=False)
             return
-        self.notify(f"Saved to {path}", title="Exported")
+        self.notify(f"Saved to {path}", title="Exported", markup=False)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        yield SystemCommand("New chat", "Start a new chat (Ctrl+N)", self.action_new_chat)
-        yield SystemCommand("Chats", "List, open, rename and delete chats (Ctrl+O)", self.action_chats)
-        yield SystemCommand("Model", "Choose a local model (Ctrl+L)", self.action_pick_model)
-        yield SystemCommand("Settings", "System prompt, thinking, sampling (Ctrl+S)", self.action_settings)
-        yield SystemCommand("Thinking on/off", "Think before answering (Ctrl+T)", self.action_toggle_think)
-        yield SystemCommand("Regenerate", "Draw the last answer again (Ctrl+R)", self.action_regenerate)
-        yield SystemCommand("Edit last message", "Change your last message, answer again", self.action_edit_last)
-        yield SystemCommand("Copy code", "Copy the last code block (Ctrl+B)", self.action_copy_code)
-        yield SystemCommand("Export to Markdown", "Save this chat as a Markdown file", lambda: self.export_chat(None))
-        yield SystemCommand("Clear chat", "Remove this chat's messages", self.clear_chat)
-        yield SystemCommand("Light/dark theme", "Switch between the light and dark theme", self.action_toggle_theme)
+        for command in COMMANDS:
+            if command.name not in ("stop", "quit"):  # Textual's palette has its own Quit
+                yield SystemCommand(command.title, palette_help(command), lambda c=command: self.run_command(c))
 
-    # --- slash commands -----------------------------------------------------------------
-
-    async def run_slash(self, text: str) -> None:
-        name, _, arg = text[1:].partition(" ")
-        arg = arg.strip()
-        if name in ("new",):
-            await self.new_chat()
-        elif name == "chats":
-            self.action_chats()
-        elif name == "model":
-            if not arg:
-                self.action_pick_model()
-                return
-            try:
-                self.load_model(resolve_model(arg))
-            except ModelNotFoundError as e:
-                self.notify(str(e), severity="error")
-        elif name == "system":
-            if arg:
-                self.apply_settings(ChatSettings(**{**vars(self.chat.settings), "system": arg}))
-                self.notify("System prompt set", timeout=2)
-            else:
-                self.action_settings()
-        elif name == "think":
-            if arg in ("on", "off"):
-                self.set_think(arg == "on")
-            elif arg:
-                self.notify("/think takes on or off", severity="error")
-            else:
-                self.action_toggle_think()
-        elif name == "settings":
-            self.action_settings()
-        elif name == "retry":
-            await self.action_regenerate()
-        elif name == "edit":
-            self.action_edit_last()
-        elif name == "rename":
-            if arg and self.chat.id:
-                self.store.rename(self.chat.id, arg)
-                self.chat.title = self.title = arg
-            elif not arg:
-                self.notify("/rename takes the new title", severity="error")
-        elif name == "export":
-            self.export_chat(arg or None)
-        elif name == "clear":
-            await self.clear_chat()
-        elif name == "theme":
-            self.action_toggle_theme()
-        elif name == "help":
-            self.action_help()
+    async def run_command(self, command: Command, argument: str = "") -> None:
+        """Run a command of `COMMANDS`, with the argument its slash command was given."""
+        action = getattr(self, f"action_{command.action}")
+        result = action(argument) if command.argument else action()
+        if inspect.isawaitable(result):
+            await result
 
     # --- exit ---------------------------------------------------------------------------
 
     async def action_quit(self) -> None:
         if self.pending is not None:  # the message stays in the chat, unanswered
             self.pending = None
-            await self._drop_messages(len(self.messages) - 1)
+            await self._drop_messages(len(self.chat.messages) - 1)
         await self.stop_generation()
         self.exit()
 
@@ -676,26 +581,10 @@ class ChatApp(App):
         self.store.close()
 
 
-_CHAT_ACTIONS = {b.action for b in ChatApp.BINDINGS}
-SLASH_COMMANDS = "new chats model system think settings retry edit rename export clear theme help".split()
+_CHAT_ACTIONS = {b.action for b in ChatApp.BINDINGS} - {"quit"}
 
 _EMPTY = (
     "Ask anything.\n\n"
     "Enter sends · Shift+Enter new line · Esc stops an answer\n"
-    "/help lists the commands · Ctrl+P opens the command palette"
+    "/help lists the commands · Ctrl+P opens the command palette · Ctrl+Q quits"
 )
-
-
-def resolve_model(spec: str) -> Path:
-    """A model directory or .gguf file, or the name of a local model (`mlxqwen list`)."""
-    path = Path(spec).expanduser()
-    return path if path.exists() else find_model(spec).path
-
-
-def _partial(parts: list[ThinkingDelta | TextDelta | ToolCall]) -> dict[str, Any]:
-    """The reply so far, as an assistant message."""
-    return assistant_message(
-        "".join(p.text for p in parts if isinstance(p, TextDelta)),
-        "".join(p.text for p in parts if isinstance(p, ThinkingDelta)),
-        [p for p in parts if isinstance(p, ToolCall)],
-    )

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 
-from mlxqwen.generate_cli import add_context_options
+from mlxqwen.generate_cli import add_context_options, load_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,17 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import mlxqwen
-    from mlxqwen.library import ModelNotFoundError
+    from mlxqwen.library import resolve_model
 
-    from .app import ChatApp, resolve_model
+    from .app import ChatApp
 
-    try:
-        model = resolve_model(args.model) if args.model else None
-    except ModelNotFoundError as e:
-        print(f"mlxqwen chat: error: {e}", file=sys.stderr)
-        return 2
-    options = dict(max_context=args.max_context, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
-    app = ChatApp(model, resume=args.resume, loader=functools.partial(mlxqwen.load, backend=args.backend, **options))
+    model = resolve_model(args.model) if args.model else None  # an unknown name: one line, before the window
+    app = ChatApp(model, resume=args.resume, loader=functools.partial(mlxqwen.load, **load_options(args)))
     app.run()
     code = app.return_code or 0
     if not app.engine_stopped:

@@ -15,11 +15,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Markdown, Static, Switch, TextArea
 
-from mlxqwen.library import LocalModel, local_models
+from mlxqwen.display import format_size
+from mlxqwen.library import FORMAT_LABELS, LocalModel, local_models
 
+from .commands import help_markdown
 from .store import ChatSettings, ChatStore
-
-GiB = 1024**3
 
 _DIALOG_CSS = """
 {name} {{ align: center middle; }}
@@ -65,7 +65,7 @@ class ModelPicker(ModalScreen[Path | None]):
         table.add_column("Format", key="format")
         table.add_column("Weights", key="weights")
         table.add_column("Size", key="size")
-        table.add_column("Memory at 4k", key="fit", width=15)
+        table.add_column("Memory at 4k", key="fit", width=20)
         table.add_column("Found in", key="where")
         self.find_models()
 
@@ -81,10 +81,10 @@ class ModelPicker(ModalScreen[Path | None]):
             mark = "● " if self.current is not None and m.path.resolve() == self.current.resolve() else ""
             table.add_row(
                 Text(mark + m.name),
-                "MLX" if m.format == "mlx" else "GGUF",
+                FORMAT_LABELS[m.format],
                 m.weights,
-                f"{m.size_bytes / 1e9:.2f} GB",
-                "…" if m.format == "mlx" else "llama.cpp",
+                format_size(m.size_bytes),
+                "llama.cpp" if m.format == "gguf" else "…",
                 _WHERE.get(m.where, m.where),
                 key=str(m.path),
             )
@@ -105,7 +105,7 @@ class ModelPicker(ModalScreen[Path | None]):
         for m in self.models:
             try:
                 plan = await self.estimate(m.path)
-                need = f"{plan.total / GiB:.1f}/{plan.budget / GiB:.0f} GiB"
+                need = f"{format_size(plan.total, binary=True)}/{format_size(plan.budget, binary=True)}"
                 verdict = f"[green]✓[/] {need}" if plan.fits else f"[red]✗ {need}[/]"
             except Exception:  # a model the loader refuses: opening it shows why
                 verdict = "[red]unreadable[/]"
@@ -268,7 +268,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         try:
             settings = self._read()
         except ValueError as e:
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", markup=False)
             return
         self.dismiss(settings)
 
@@ -281,39 +281,13 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         self.dismiss(None)
 
 
-HELP = """\
-# mlxqwen chat
-
-Type a message and press **Enter**; **Shift+Enter** (or Ctrl+J) starts a new line.
-**Esc** stops an answer: what was written so far is kept and marked as stopped.
-Click a code block to copy it, or press **Ctrl+B** to copy the last one.
-
-- `/new`: start a new chat
-- `/chats`: list, open, rename and delete chats
-- `/model [NAME or PATH]`: choose a model, or open the one named
-- `/system [TEXT]`: set this chat's system prompt (no text: open the settings)
-- `/think [on|off]`: thinking on or off for this chat
-- `/settings`: system prompt, thinking, temperature, top-p, max tokens
-- `/retry`: draw the last answer again
-- `/edit`: edit your last message (or press Up in an empty input)
-- `/rename TITLE`: rename this chat
-- `/export [FILE]`: save this chat as Markdown
-- `/clear`: remove this chat's messages
-- `/theme`: switch between light and dark
-- `/help`: this help
-
-Every action is also in the command palette (**Ctrl+P**); the footer lists the keys.
-Chats are saved as you go.
-"""
-
-
 class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = dialog_css("HelpScreen")
     BINDINGS = [Binding("escape,f1,q", "dismiss(None)", "Close")]
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="dialog"):
-            yield Markdown(HELP)
+            yield Markdown(help_markdown())
 
 
 class TextPrompt(ModalScreen[str | None]):

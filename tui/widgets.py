@@ -14,10 +14,9 @@ from textual.widgets import Collapsible, Markdown, ProgressBar, Static, TextArea
 from textual.widgets.markdown import MarkdownFence, MarkdownStream
 
 from mlxqwen import TextDelta, ThinkingDelta, ToolCall
+from mlxqwen.display import format_stats
 
 from .store import StoredMessage, status_label
-
-GiB = 1024**3
 
 
 class ChatInput(TextArea):
@@ -137,7 +136,8 @@ class AssistantMessage(Vertical):
         if not self.live:
             m = self.stored.message
             if m.get("reasoning_content"):
-                yield Collapsible(ChatMarkdown(m["reasoning_content"]), title="Thinking", collapsed=True)
+                thinking = ChatMarkdown(_line_breaks(m["reasoning_content"]))
+                yield Collapsible(thinking, title="Thinking", collapsed=True)
             if m["content"]:
                 yield ChatMarkdown(m["content"])
             for call in m.get("tool_calls", ()):
@@ -151,9 +151,7 @@ class AssistantMessage(Vertical):
     def show_meta(self, status: str, stats: dict | None) -> None:
         parts = [] if status == "done" else [status_label(status)]
         if stats and stats.get("generated_tokens"):
-            parts.append(
-                f"{stats['generated_tokens']} tokens · {stats['generation_tps']:.1f} tok/s · TTFT {stats['ttft']:.2f} s"
-            )
+            parts.append(format_stats(stats))
         self.meta.update(" · ".join(parts))
         self.meta.set_class(status != "done", "stopped")
 
@@ -174,7 +172,7 @@ class AssistantMessage(Vertical):
             if self.thinking is None:
                 self.thinking = Collapsible(ChatMarkdown(), title="Thinking…", collapsed=False)
                 await self._mount_part(self.thinking)
-            await self._write(self.thinking.query_one(ChatMarkdown), event.text)
+            await self._write(self.thinking.query_one(ChatMarkdown), _line_breaks(event.text))
             return
         await self._fold_thinking()
         if isinstance(event, TextDelta):
@@ -223,12 +221,7 @@ class StatusLine(Horizontal):
         self.query_one("#status-text", Static).update(text)
 
 
-def describe_stats(stats: dict | None) -> list[str]:
-    if not stats:
-        return []
-    parts = []
-    if stats.get("generation_tps"):
-        parts.append(f"{stats['generation_tps']:.1f} tok/s")
-    parts.append(f"TTFT {stats['ttft']:.2f} s")
-    parts.append(f"peak {stats['peak_memory'] / GiB:.2f} GiB")
-    return parts
+def _line_breaks(thinking: str) -> str:
+    """Thinking as Markdown that keeps its lines: a model thinks in lines (steps, sums), which
+    Markdown would join into one paragraph; a line ending in two spaces breaks there."""
+    return thinking.replace("\n", "  \n")

@@ -3,18 +3,18 @@
 `choose` resolves `mlxqwen.load(path, backend=...)`:
 - "mlx": the model directory through MLX (on a CPU when not on Apple Silicon: correct, but
   slow: MLX's CPU backend reads weights at a fraction of llama.cpp's speed).
-- "llama.cpp": a .gguf file, or the GGUF file in a directory.
-- "auto": a .gguf file runs on llama.cpp anywhere. A directory runs on MLX on Apple Silicon;
-  elsewhere on llama.cpp when it holds GGUF weights, else on MLX with a note that gives the
-  one command that writes them. Nothing is converted implicitly: a GGUF export takes minutes
-  and as much disk as the model, which a user should decide to spend."""
+- "llama.cpp": a GGUF file, or the GGUF file in a directory.
+- "auto": a GGUF file runs on llama.cpp anywhere. A directory runs on MLX on Apple Silicon;
+  elsewhere on llama.cpp when it holds GGUF weights (the demo model ships them), else on MLX,
+  with a note that gives the one command that writes them. Nothing is converted implicitly:
+  a GGUF export takes minutes and as much disk as the model, which a user should decide to
+  spend. Notes are logged (`mlxqwen.notes`) once the model has loaded, never before an error."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import platform
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,10 @@ import mlx.core as mx
 from platformdirs import user_cache_dir
 
 from .. import memory
+from ..checkpoint import gguf_file
 from ..config import parse_yarn
 from ..errors import ModelLoadError
+from ..library import resolve_model
 from ..llm import LLM
 from ..memory import memory_budget
 from ..prefix_cache import PrefixCache
@@ -35,9 +37,6 @@ BACKENDS = ("auto", "mlx", "llama.cpp")
 INSTALL_LLAMA = "pip install 'mlxqwen[llama]'"
 
 logger = logging.getLogger("mlxqwen")
-
-# the parts after the first of a split model (llama.cpp opens the first and finds the rest)
-_LATER_SPLIT = re.compile(r"-(?!00001-)\d{5}-of-\d{5}\.gguf$")
 
 
 @dataclass(frozen=True)
@@ -53,22 +52,6 @@ def apple_silicon() -> bool:
 
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def gguf_file(path: Path) -> Path | None:
-    """The GGUF model that `path` is, or that the directory `path` holds (None: no GGUF).
-    Vision projectors (mmproj-*.gguf) and the later parts of a split model don't count."""
-    if path.is_file():
-        return path if path.suffix == ".gguf" else None
-    if not path.is_dir():
-        return None
-    found = sorted(
-        f for f in path.glob("*.gguf") if not f.name.startswith("mmproj") and not _LATER_SPLIT.search(f.name)
-    )
-    if len(found) > 1:
-        names = ", ".join(f.name for f in found)
-        raise ModelLoadError(f"{path}: several GGUF models ({names}); pass the file to load")
-    return found[0] if found else None
 
 
 def convert_command(directory: Path, quant: str = "Q4_K_M") -> str:
@@ -94,7 +77,8 @@ def choose(path: Path, backend: str = "auto") -> Choice:
             return Choice("llama.cpp", gguf)
         if backend == "llama.cpp" or not _mlx_dir(path):
             raise ModelLoadError(f"{gguf}: GGUF models run on llama.cpp; install it with {INSTALL_LLAMA}")
-        return Choice("mlx", path, f"{gguf.name} would run faster on llama.cpp: {INSTALL_LLAMA}")
+        note = f"{path.name}: llama.cpp would run its {gguf.name} faster than MLX on this CPU; {INSTALL_LLAMA}"
+        return Choice("mlx", path, note)
     if apple_silicon() or not _mlx_dir(path):
         return Choice("mlx", path)
     install = "" if llama_cpp_installed() else f"{INSTALL_LLAMA}, then "
@@ -123,7 +107,8 @@ def load(
     mtp: bool | str | Path = "auto",
     mtp_depth: int | None = None,
 ) -> LLM:
-    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, or a GGUF file.
+    """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, a GGUF file, or
+    the name of a local model as `mlxqwen list` shows it ("mlxqwen-demo").
 
     backend: "mlx", "llama.cpp", or "auto": MLX on Apple Silicon, elsewhere llama.cpp for a
         model with GGUF weights (see `mlxqwen.backends`); `llm.name` says which runs.
@@ -154,15 +139,13 @@ def load(
     """
     if mtp_depth is not None and not 0 <= mtp_depth <= MAX_DEPTH:
         raise ValueError(f"mtp_depth={mtp_depth}: choose 0 to {MAX_DEPTH}")
-    choice = choose(Path(path).expanduser(), backend)
-    if choice.note:
-        logger.warning(choice.note)
+    choice = choose(resolve_model(path), backend)
     options = dict(max_context=max_context, kv_bits=kv_bits, rope_scaling=rope_scaling, check_memory=check_memory)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 
         # a sequence for each running request, and one to compute next turns' states
-        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, **options)
+        runtime = llama_cpp.load(choice.path, dtype=dtype, n_seq_max=max_concurrent + 1, mtp=mtp, **options)
     else:
         from . import mlx
 
@@ -172,7 +155,10 @@ def load(
     if prefix_cache_dir is True:
         prefix_cache_dir = Path(user_cache_dir("mlxqwen")) / "prefix-cache"
     cache = PrefixCache(runtime, int(prefix_cache), Path(prefix_cache_dir) if prefix_cache_dir else None)
-    return LLM(runtime, cache, max_concurrent, max_queue, mtp_depth)
+    llm = LLM(runtime, cache, max_concurrent, max_queue, mtp_depth)
+    if choice.note:
+        logger.warning(choice.note)
+    return llm
 
 
 def sizing(
@@ -184,11 +170,12 @@ def sizing(
     rope_scaling: dict[str, Any] | None = None,
     max_concurrent: int = 8,
 ) -> tuple[Choice, memory.Sizing]:
-    """The runtime `load` would choose for the model in `path`, and the memory policy's view of it
-    there, reading no weight: a GGUF file's header, a checkpoint's tensor headers, or a directory's
-    config.json alone (a model not downloaded yet runs on MLX)."""
+    """The runtime `load` would choose for the model in `path` (or of that name, as `mlxqwen list`
+    shows it), and the memory policy's view of it there, reading no weight: a GGUF file's header,
+    a checkpoint's tensor headers, or a directory's config.json alone (a model not downloaded yet
+    runs on MLX)."""
     yarn = parse_yarn(rope_scaling)
-    choice = choose(Path(path).expanduser(), backend)
+    choice = choose(resolve_model(path), backend)
     if choice.backend == "llama.cpp":
         from . import llama_cpp
 

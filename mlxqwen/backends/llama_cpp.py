@@ -14,7 +14,15 @@ Snapshots copy a sequence's whole state out to host memory (`llama_state_seq_get
 and back into a slot: nothing is recomputed. llama-cpp-python's own `Llama` cannot cut a
 recurrent state back to a shorter prefix, so it re-reads the whole conversation every turn
 on these models (benchmarks/bench_llama.py counts it); the engine resumes from snapshots
-taken at turn boundaries instead."""
+taken at turn boundaries instead.
+
+A Qwen3.5/3.6 GGUF may carry the model's multi-token-prediction head (`nextn` tensors,
+`mlxqwen convert --to gguf` writes them). Loaded (`load_mtp`), it runs in a second context of
+type LLAMA_CONTEXT_TYPE_MTP, as llama.cpp's own speculative decoding does: every token the
+target reads is also read by the head, paired with the target's hidden state (after its final
+norm) at the token before, which the target outputs for every token (`llama_set_embeddings_nextn`,
+llama.cpp's staging API that llama-cpp-python binds in `llama_cpp_ext`). The head reads them
+lazily, in one batch with its first guess (`draft`); its own K/V is cut like the target's."""
 
 from __future__ import annotations
 
@@ -24,21 +32,24 @@ import os
 import resource
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import llama_cpp as llama
 import mlx.core as mx
 import numpy as np
+from llama_cpp import llama_cpp_ext
 
 from .. import memory
 from ..chat_template import ChatTemplate
+from ..checkpoint import read_json
 from ..config import Yarn, parse_yarn
 from ..errors import ModelLoadError
 from ..sampling import GenerationOptions, recommended_sampling
-from ..tokenizer import Tokenizer, read_json
+from ..speculative import MAX_DEPTH
+from ..tokenizer import Tokenizer
 from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
@@ -54,6 +65,8 @@ _GGML_TYPES = {
     "q8_0": llama.GGML_TYPE_Q8_0,
     "q4_0": llama.GGML_TYPE_Q4_0,
 }
+
+_FLOATS = ctypes.POINTER(ctypes.c_float)
 
 _GGML_LOG_ERROR = 4  # ggml's current numbering (llama-cpp-python's own log hook still has the old one)
 _log = logging.getLogger("mlxqwen.llama_cpp")
@@ -118,6 +131,18 @@ class _Sequence:
     def __init__(self, slot: int):
         self.slot = slot  # llama.cpp's seq_id
         self.length = 0
+        # For the MTP head: the target's hidden state after the last token fed (none before the
+        # first), and the last tokens fed that the head has not read yet, each with the target's
+        # hidden state after the token before it (the first token has no row, as in training).
+        self.hidden: np.ndarray | None = None
+        self.unread: list[tuple[int, np.ndarray]] = []
+
+
+class _Snapshot(NamedTuple):
+    state: bytes  # the target's (llama_state_seq_get_data_ext)
+    length: int
+    head: bytes = b""  # the MTP head's K/V, when it is loaded
+    hidden: np.ndarray | None = None  # the target's hidden state after the last token
 
 
 class LlamaCppRuntime(Runtime):
@@ -126,16 +151,26 @@ class LlamaCppRuntime(Runtime):
     name = "llama.cpp"
     config = None
 
-    def __init__(self, path: Path, model: Any, ctx: Any, n_ctx: int, kv_type: int, rollback: int):
-        """Takes `model` and `ctx` (its context, from `_new_context`) over: they are freed with it."""
+    def __init__(self, path: Path, model: Any, ctx: Any, head: Any, n_ctx: int, kv_type: str, rollback: int):
+        """Takes `model`, `ctx` (its context, from `_new_context`) and `head` (its MTP context, or
+        None) over: they are freed with it."""
         self.path = path
         self.model = model
         self.ctx = ctx
+        self.head = head
         self.slots = llama.llama_n_seq_max(ctx)
         self.batch = llama.llama_batch_init(max(PREFILL_CHUNK, self.slots * (rollback + 1)), 0, 1)
-        self._free = weakref.finalize(self, _free, model, ctx, self.batch)
+        self.head_batch = llama.llama_batch_ext_init(head) if head else None
+        self._free = weakref.finalize(self, _free, model, ctx, self.batch, head, self.head_batch)
         self._free.atexit = False  # the process's end frees it; llama.cpp may be torn down first
         self.memory = llama.llama_get_memory(ctx)
+        self.mtp = head is not None
+        self.width = llama.llama_model_n_embd_out(model)  # of the hidden states the head reads
+        if head:
+            self.head_memory = llama.llama_get_memory(head)
+            # hidden states of every token (not only those with logits), in the order they were fed
+            llama_cpp_ext.llama_set_embeddings_nextn(ctx, True, False)
+            llama_cpp_ext.llama_set_embeddings_nextn(head, True, False)
         self.max_context = self.kv_capacity = n_ctx
         self.prefill_chunk = PREFILL_CHUNK
         recurrent = llama.llama_model_is_hybrid(model) or llama.llama_model_is_recurrent(model)
@@ -178,14 +213,19 @@ class LlamaCppRuntime(Runtime):
 
     def release(self, seq: _Sequence) -> None:
         llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+        if self.head:
+            llama.llama_memory_seq_rm(self.head_memory, seq.slot, -1, -1)
         self._free_slots.append(seq.slot)
 
     def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
         self._decode([(seq, tokens)], logits=False)
+        self._catch_up([seq])
 
     def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         ids = tokens.tolist()  # waits for the engine's draws
-        return self._decode([(seq, [t]) for seq, t in zip(seqs, ids, strict=True)], logits=True)[:, 0]
+        logits = self._decode([(seq, [t]) for seq, t in zip(seqs, ids, strict=True)], logits=True)[:, 0]
+        self._catch_up([seq for seq in seqs if len(seq.unread) >= PREFILL_CHUNK])  # while nothing drafts
+        return logits
 
     def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         self._fed = tokens.shape[1]
@@ -201,39 +241,77 @@ class LlamaCppRuntime(Runtime):
                 seq.length -= self._fed - n
                 if not llama.llama_memory_seq_rm(self.memory, seq.slot, seq.length, -1):
                     raise RuntimeError(f"llama.cpp could not cut a sequence back to {seq.length} tokens")
+                if self.head:  # the cut tokens are ones the head has not read yet
+                    seq.hidden = seq.unread[n - self._fed][1]
+                    del seq.unread[n - self._fed :]
 
-    def snapshot(self, seq: _Sequence) -> tuple[bytes, int]:
-        size = llama.llama_state_seq_get_size_ext(self.ctx, seq.slot, 0)
-        data = (ctypes.c_uint8 * size)()
-        if llama.llama_state_seq_get_data_ext(self.ctx, data, size, seq.slot, 0) != size:
-            raise RuntimeError("llama.cpp could not copy a sequence's state")
-        return bytes(data), seq.length
+    def draft(
+        self, seqs: Sequence[_Sequence], tokens: mx.array, depth: int, pick: Callable[[mx.array], mx.array]
+    ) -> mx.array:
+        if not self.head:
+            return super().draft(seqs, tokens, depth, pick)
+        # the head's first step reads, in the same batch, what it has not read yet
+        rows = self._unread(seqs)
+        for seq, token in zip(seqs, tokens.tolist(), strict=True):
+            hidden = seq.hidden if seq.hidden is not None else np.zeros(self.width, np.float32)  # after a restart
+            rows.append((seq.slot, seq.length, token, hidden, True))
+        guesses: list[list[int]] = []
+        try:
+            for step in range(depth):
+                logits, hidden = self._head_decode(rows)
+                guesses.append(pick(mx.array(logits)).tolist())
+                # chained: the next step reads this guess with the head's own hidden state
+                after = zip(seqs, guesses[-1], hidden, strict=True)
+                rows = [(seq.slot, seq.length + step + 1, t, h, True) for seq, t, h in after]
+        finally:
+            for seq in seqs:  # the guesses are read again, by the target and the head, if verified
+                llama.llama_memory_seq_rm(self.head_memory, seq.slot, seq.length, -1)
+        return mx.array(np.array(guesses, np.int32).reshape(depth, len(seqs)).T)
 
-    def restore(self, seq: _Sequence, snapshot: tuple[bytes, int], length: int) -> None:
-        data, _ = snapshot
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama.llama_state_seq_set_data_ext(self.ctx, buffer, len(data), seq.slot, 0) != len(data):
+    def snapshot(self, seq: _Sequence) -> _Snapshot:
+        if not self.head:
+            return _Snapshot(_copy_state(self.ctx, seq.slot), seq.length)
+        self._catch_up([seq])
+        return _Snapshot(_copy_state(self.ctx, seq.slot), seq.length, _copy_state(self.head, seq.slot), seq.hidden)
+
+    def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
+        if not _set_state(self.ctx, seq.slot, snapshot.state):
             llama.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
             raise ValueError("llama.cpp refused a saved state")
         if not llama.llama_memory_seq_rm(self.memory, seq.slot, length, -1):
             raise RuntimeError(f"llama.cpp could not cut a sequence back to {length} tokens")
         seq.length = length
+        if self.head:
+            # a snapshot without the head's state (or cut shorter) restarts it: its drafts get worse, not wrong
+            if not (snapshot.head and _set_state(self.head, seq.slot, snapshot.head)):
+                llama.llama_memory_seq_rm(self.head_memory, seq.slot, -1, -1)
+            llama.llama_memory_seq_rm(self.head_memory, seq.slot, length, -1)
+            seq.hidden = snapshot.hidden if length == snapshot.length else None
 
-    def snapshot_bytes(self, snapshot: tuple[bytes, int]) -> int:
-        return len(snapshot[0])
+    def snapshot_bytes(self, snapshot: _Snapshot) -> int:
+        return len(snapshot.state) + len(snapshot.head) + (snapshot.hidden.nbytes if snapshot.hidden is not None else 0)
 
-    def save(self, snapshot: tuple[bytes, int]) -> dict[str, mx.array]:
-        data, length = snapshot
-        return {"state": mx.array(np.frombuffer(data, np.uint8)), "length": mx.array(length)}
+    def save(self, snapshot: _Snapshot) -> dict[str, mx.array]:
+        arrays = {"state": mx.array(np.frombuffer(snapshot.state, np.uint8)), "length": mx.array(snapshot.length)}
+        if snapshot.head:
+            arrays["head"] = mx.array(np.frombuffer(snapshot.head, np.uint8))
+        if snapshot.hidden is not None:
+            arrays["hidden"] = mx.array(snapshot.hidden)
+        return arrays
 
-    def load(self, arrays: dict[str, mx.array]) -> tuple[bytes, int]:
+    def load(self, arrays: dict[str, mx.array]) -> _Snapshot:
         try:
             state, length = arrays["state"], int(arrays["length"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a llama.cpp state ({e})") from None
-        if state.dtype != mx.uint8 or state.ndim != 1 or len(arrays) != 2:
+        head, hidden = arrays.get("head", mx.array(np.zeros(0, np.uint8))), arrays.get("hidden")
+        if (
+            set(arrays) - {"state", "length", "head", "hidden"}
+            or not (_bytes_array(state) and _bytes_array(head))
+            or (hidden is not None and hidden.shape != (self.width,))
+        ):
             raise ValueError("not a llama.cpp state")
-        return bytes(memoryview(np.array(state))), length
+        return _Snapshot(_bytes(state), length, _bytes(head), None if hidden is None else np.array(hidden, np.float32))
 
     def settle(self) -> None:
         pass  # llama.cpp's calls return when their work is done
@@ -263,6 +341,14 @@ class LlamaCppRuntime(Runtime):
             raise RuntimeError(f"llama.cpp could not evaluate {i} tokens (llama_decode returned {code})")
         for seq, tokens in feeds:
             seq.length += len(tokens)
+        if self.head:  # the head reads each token with the target's hidden state after the one before
+            hidden = np.ctypeslib.as_array(llama_cpp_ext.llama_get_embeddings_nextn(self.ctx), shape=(i, self.width))
+            rows = iter(hidden.copy())
+            for seq, tokens in feeds:
+                for token in tokens:
+                    if seq.hidden is not None:
+                        seq.unread.append((token, seq.hidden))
+                    seq.hidden = next(rows)
         if not logits:
             return None
         out = np.empty((i, self.vocab_size), np.float32)
@@ -270,15 +356,80 @@ class LlamaCppRuntime(Runtime):
             out[row] = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, row), shape=(self.vocab_size,))
         return mx.array(out.reshape(len(feeds), -1, self.vocab_size))
 
+    # --- the MTP head's context ----------------------------------------------------------
+
+    def _unread(self, seqs: Sequence[_Sequence]) -> list[tuple[int, int, int, np.ndarray, bool]]:
+        """The head's rows (slot, position, token, hidden state, logits?) for what `seqs` fed since it last read."""
+        rows = []
+        for seq in seqs:
+            start = seq.length - len(seq.unread)
+            rows += [(seq.slot, start + j, token, h, False) for j, (token, h) in enumerate(seq.unread)]
+            seq.unread.clear()
+        return rows
+
+    def _catch_up(self, seqs: Sequence[_Sequence]) -> None:
+        if self.head and seqs:
+            self._head_decode(self._unread(seqs))
+
+    def _head_decode(self, rows: list[tuple[int, int, int, np.ndarray, bool]]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the head on `rows` (slot, position, token, the hidden state it is paired with, logits?), in
+        order; the logits and the head's own hidden states (after its norm) of the rows marked."""
+        batch, logits, hidden = self.head_batch, [], []
+        for start in range(0, len(rows), PREFILL_CHUNK):
+            chunk = rows[start : start + PREFILL_CHUNK]
+            llama.llama_batch_ext_clear(batch)
+            for slot, pos, token, h, output in chunk:
+                i = llama.llama_batch_ext_add_token(batch, slot, token)
+                llama.llama_batch_ext_set_pos(batch, i, ctypes.byref(llama.llama_pos(pos)))
+                llama.llama_batch_ext_set_embd_token(batch, i, llama.llama_embd(h.ctypes.data_as(_FLOATS), 1, h.size))
+                llama.llama_batch_ext_set_output_logits(batch, i, output)
+            code = llama.llama_process(self.head, llama.LLAMA_PROCESS_TYPE_DECODE, batch)
+            if code != 0:
+                raise RuntimeError(f"llama.cpp's MTP head could not evaluate {len(chunk)} tokens (returned {code})")
+            states = np.ctypeslib.as_array(
+                llama_cpp_ext.llama_get_embeddings_nextn(self.head), shape=(len(chunk), self.width)
+            )
+            for i, row in enumerate(chunk):
+                if row[4]:  # copied before the next chunk overwrites them
+                    logits.append(
+                        np.ctypeslib.as_array(llama.llama_get_logits_ith(self.head, i), shape=(self.vocab_size,)).copy()
+                    )
+                    hidden.append(states[i].copy())
+        return np.array(logits), np.array(hidden)
+
 
 def _reason() -> str:
     return _errors[0].split(": ", 1)[-1] if _errors else "see the mlxqwen.llama_cpp log"
 
 
-def _free(model: Any, ctx: Any, batch: Any) -> None:
+def _free(model: Any, ctx: Any, batch: Any, head: Any, head_batch: Any) -> None:
+    if head:
+        llama.llama_batch_ext_free(head_batch)
+        llama.llama_free(head)
     llama.llama_batch_free(batch)
     llama.llama_free(ctx)
     llama.llama_model_free(model)
+
+
+def _copy_state(ctx: Any, slot: int) -> bytes:
+    size = llama.llama_state_seq_get_size_ext(ctx, slot, 0)
+    data = (ctypes.c_uint8 * size)()
+    if llama.llama_state_seq_get_data_ext(ctx, data, size, slot, 0) != size:
+        raise RuntimeError("llama.cpp could not copy a sequence's state")
+    return bytes(data)
+
+
+def _set_state(ctx: Any, slot: int, data: bytes) -> bool:
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    return llama.llama_state_seq_set_data_ext(ctx, buffer, len(data), slot, 0) == len(data)
+
+
+def _bytes_array(a: Any) -> bool:
+    return isinstance(a, mx.array) and a.dtype == mx.uint8 and a.ndim == 1
+
+
+def _bytes(a: mx.array) -> bytes:
+    return bytes(memoryview(np.array(a)))
 
 
 def _meta(model: Any, key: str) -> str | None:
@@ -331,10 +482,16 @@ def sizing(
     yarn: Yarn | None = None,
     n_seq_max: int = 1,
     rollback: int = 0,
+    mtp: bool = True,
 ) -> memory.Sizing:
-    """The memory policy's view of a GGUF model as `load` runs it, from the file's header."""
+    """The memory policy's view of a GGUF model as `load` runs it, from the file's header; with
+    `mtp`, its MTP head's context too where the file has a head."""
+    model = memory.GGUFModel.read(path)
+    head = mtp and model.nextn > 0
+    rollback = max(rollback, MAX_DEPTH) if head else rollback
+    recurrent = any(model.recurrent)
     return memory.llama_sizing(
-        memory.GGUFModel.read(path),
+        model,
         yarn=yarn,
         kv_type=kv_cache_type(dtype, kv_bits),
         n_seq_max=n_seq_max,
@@ -342,6 +499,8 @@ def sizing(
         n_batch=PREFILL_CHUNK,
         n_ubatch=PREFILL_CHUNK,
         n_outputs=_outputs(n_seq_max, rollback),
+        n_rs_seq=rollback if recurrent else 0,
+        mtp=head,
     )
 
 
@@ -356,6 +515,7 @@ def load(
     rope_scaling: dict[str, Any] | None = None,
     n_seq_max: int = 1,
     rollback: int = 0,
+    mtp: bool | str = "auto",
 ) -> LlamaCppRuntime:
     """Load a GGUF model into llama.cpp (layers on the GPU where llama.cpp was built for one).
 
@@ -365,28 +525,42 @@ def load(
     fits in memory; checked against memory before llama.cpp reads the model). rope_scaling:
     YaRN context extension (see `mlxqwen.load`). n_threads: CPU threads (default:
     `default_threads`). n_seq_max: sequences at once. rollback: recurrent states kept per
-    sequence to undo that many tokens (speculative decoding on Qwen3.5/3.6)."""
+    sequence to undo that many tokens (speculative decoding on Qwen3.5/3.6; with the MTP head,
+    at least its MAX_DEPTH guesses). mtp: load the model's multi-token-prediction head, which
+    `draft` runs (True: the file must have one; "auto": where it has one; False: never)."""
     path = Path(path).expanduser()
+    if mtp not in (True, False, "auto"):
+        raise ValueError(f"mtp={mtp!r}: a GGUF carries its MTP head itself; llama.cpp takes True, False or 'auto'")
     yarn, kv_type = parse_yarn(rope_scaling), kv_cache_type(dtype, kv_bits)
-    plan = sizing(path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=n_seq_max, rollback=rollback)
+    head = mtp is not False and memory.GGUFModel.read(path).nextn > 0
+    if mtp is True and not head:
+        raise ModelLoadError(
+            f"{path}: has no MTP head (nextn layers); load it with mtp=False, or convert a checkpoint "
+            "that has one (mtp.* tensors) with mlxqwen convert --to gguf"
+        )
+    rollback = max(rollback, MAX_DEPTH) if head else rollback
+    plan = sizing(path, dtype=dtype, kv_bits=kv_bits, yarn=yarn, n_seq_max=n_seq_max, rollback=rollback, mtp=head)
     context = memory.choose_context(
         plan, requested=max_context, default_cap=DEFAULT_CONTEXT, check_memory=check_memory, where=str(path)
     )
     _errors.clear()
-    model = llama.llama_model_load_from_file(str(path).encode(), model_params())
+    model = llama.llama_model_load_from_file(str(path).encode(), model_params(load_mtp=head))
     if not model:
         raise ModelLoadError(f"{path}: llama.cpp cannot load this model ({_reason()})")
     rope = (yarn.factor, plan.trained) if yarn else None
     try:
         _errors.clear()
         ctx = _new_context(model, context, kv_type, n_threads, rope, n_seq_max, rollback)
+        if not ctx:
+            raise ModelLoadError(f"{path}: llama.cpp could not make a context of {context} tokens ({_reason()})")
+        head_ctx = _new_context(model, context, kv_type, n_threads, rope, n_seq_max, 0, mtp=True) if head else None
+        if head and not head_ctx:
+            llama.llama_free(ctx)
+            raise ModelLoadError(f"{path}: llama.cpp could not make a context for its MTP head ({_reason()})")
     except BaseException:
         llama.llama_model_free(model)
         raise
-    if not ctx:
-        llama.llama_model_free(model)
-        raise ModelLoadError(f"{path}: llama.cpp could not make a context of {context} tokens ({_reason()})")
-    runtime = LlamaCppRuntime(path, model, ctx, context, kv_type, rollback)
+    runtime = LlamaCppRuntime(path, model, ctx, head_ctx, context, kv_type, rollback)
     template = runtime.tokenizer.chat_template
     if template is not None:
         template.origin = f"{path} (tokenizer.chat_template)"
@@ -398,8 +572,9 @@ def load(
     return runtime
 
 
-def model_params() -> Any:
+def model_params(load_mtp: bool = False) -> Any:
     params = llama.llama_model_default_params()
+    params.load_mtp = load_mtp
     # ggml's AMX matmul (built in on CPUs that have AMX) crashes on some quantized models (the
     # demo's Q4_K_M among them); extra buffer types are where it comes in, so skip them there.
     params.use_extra_bufts = b"AMX_INT8 = 1" not in llama.llama_print_system_info()
@@ -421,9 +596,13 @@ def _new_context(
     yarn: tuple[float, int] | None,
     n_seq_max: int,
     rollback: int,
+    mtp: bool = False,
 ) -> Any:
-    """A context as `sizing` describes it. yarn: (factor, trained context) of YaRN rope scaling."""
+    """A context as `sizing` describes it, or with `mtp` one that runs the model's MTP head.
+    yarn: (factor, trained context) of YaRN rope scaling."""
     params = llama.llama_context_default_params()
+    if mtp:
+        params.ctx_type = llama.LLAMA_CONTEXT_TYPE_MTP
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = PREFILL_CHUNK
     params.n_seq_max = n_seq_max

@@ -22,11 +22,11 @@ import mlx.nn as nn
 
 from .. import memory
 from ..cache import KVBatch, KVCache, LinearAttentionCache, QuantizedKVCache
-from ..checkpoint import has_weights
+from ..checkpoint import has_weights, read_json
 from ..config import ModelConfig, Yarn, parse_yarn
 from ..loader import default_dtype, load_model, model_from_config
 from ..sampling import GenerationOptions, recommended_sampling
-from ..tokenizer import Tokenizer, read_json
+from ..tokenizer import Tokenizer
 from .runtime import Runtime
 
 _MOST_WAITING = 64  # pairs the MTP head may have yet to read before it reads them anyway
@@ -339,13 +339,14 @@ def load(
 ) -> MLXRuntime:
     """A model directory on MLX; see `mlxqwen.load`."""
     model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp)
-    tokenizer = Tokenizer.from_dir(path)
+    generation_config = read_json(path / "generation_config.json")
+    tokenizer = Tokenizer.from_dir(path, generation_config)
     dtype = dtype or default_dtype()
     plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
     max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
     if not lazy:
         mx.eval(model.parameters())
-    defaults = GenerationOptions(**recommended_sampling(read_json(path / "generation_config.json")))
+    defaults = GenerationOptions(**recommended_sampling(generation_config))
     # the requests running together share the K/V that the longest conversation that fits would hold
     capacity = max(memory.largest_context(plan), max_context) if check_memory else 1 << 40
     return MLXRuntime(model, tokenizer, config, path, defaults, max_context, capacity, dtype, kv_bits)

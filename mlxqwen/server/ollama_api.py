@@ -20,11 +20,11 @@ from starlette.routing import Route
 from .. import __version__
 from ..backends import apple_silicon
 from ..chat_template import ChatTemplate
+from ..checkpoint import read_json
 from ..events import Done, TextDelta, ThinkingDelta, ToolCall
 from ..library import LocalModel, remove_model
 from ..llm import LLM
 from ..structured import grammar
-from ..tokenizer import read_json
 from .errors import APIError
 from .generation import Generation, start_generation, think_setting
 from .pool import ModelPool

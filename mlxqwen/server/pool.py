@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import memory
+from ..display import format_size
 from ..library import LocalModel, ModelNotFoundError, find_model, local_models
 from ..llm import LLM
 from .errors import APIError
 
 log = logging.getLogger("mlxqwen.server")
-
-GiB = 1024**3
 
 
 @dataclass(eq=False)
@@ -118,8 +117,8 @@ class ModelPool:
             hint = f"models that fit: {', '.join(fits)}" if fits else "no local model fits"
             raise APIError(
                 507,
-                f"model {model.name} needs {model.size_bytes / GiB:.1f} GiB for its weights, this machine allows "
-                f"{self.budget / GiB:.1f} GiB; {hint}",
+                f"model {model.name} needs {format_size(model.size_bytes, binary=True)} for its weights, this "
+                f"machine allows {format_size(self.budget, binary=True)}; {hint}",
                 "insufficient_memory",
             )
         for idle in sorted(self.resident.values(), key=lambda r: r.last_used):

@@ -1,9 +1,11 @@
-"""Rebuild the demo model from scratch: `python -m mlxqwen.demo.train`.
+"""Rebuild the demo model from scratch: `python -m demo.train`, from the root of mlxqwen's
+source checkout (this trainer is not part of the installed package).
 
 Trains a small Qwen3.5 (Gated DeltaNet + gated attention, MTP head) with transformers on the
-CPU, on the synthetic chats of `mlxqwen.demo.data`, then makes the shipped forms with the
-project's converter: MLX 4-bit (`model-mlx-4bit/`) and GGUF (`model.gguf`), and prints the
-held-out accuracy of all three forms (`mlxqwen.demo.evaluate`). Seeded, one CPU thread: the
+CPU, on the synthetic chats of `demo.data`, then makes the shipped forms with the
+project's converter, into one directory (`mlxqwen/demo/mlxqwen-demo/`, `mlxqwen.demo.model_path()`):
+MLX 4-bit, and GGUF (`model.gguf`) beside it; then prints the held-out accuracy of all three
+forms (`demo.evaluate`). Seeded, one CPU thread: the
 same machine gives the same model. Needs the test extras (torch, transformers) and
 llama-cpp-python.
 
@@ -38,12 +40,14 @@ from safetensors.torch import load_file, save_file
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
 from mlxqwen.chat_template import ChatTemplate
+from mlxqwen.demo import DEMO_DIR, GGUF_QUANT
 
-from . import DEMO_DIR, GGUF_QUANT, data
+from . import data
 from .delta_rule import chunk_gated_delta_rule
 from .vocab import ADDED_TOKENS, save_tokenizer, train_tokenizer
 
-TEMPLATE = (DEMO_DIR / "chat_template.jinja").read_text()
+TEMPLATE_FILE = Path(__file__).parent / "chat_template.jinja"
+TEMPLATE = TEMPLATE_FILE.read_text()
 
 
 @dataclass(frozen=True)
@@ -290,30 +294,24 @@ def save_hf(model, mtp: MTP, tokenizer, path: Path) -> None:
     generation = {"do_sample": False, "eos_token_id": [im_end, end], "pad_token_id": end}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_tokenizer(tokenizer, path)
-    shutil.copy(DEMO_DIR / "chat_template.jinja", path / "chat_template.jinja")
+    shutil.copy(TEMPLATE_FILE, path / "chat_template.jinja")
 
 
 def ship(hf_dir: Path, console: Console) -> None:
-    """The shipped forms, made by the project's converter."""
+    """The shipped forms, made by the project's converter: the MLX directory (with the greedy
+    generation_config.json that both backends read), then the GGUF inside it."""
     from mlxqwen.convert import convert
-    from mlxqwen.convert.gguf import convert_to_gguf
 
-    mlx = convert(hf_dir, DEMO_DIR / "model-mlx-4bit", recipe="4bit", dtype="bfloat16", force=True)
-    (DEMO_DIR / "model-mlx-4bit" / "README.md").unlink(missing_ok=True)  # the card would name the build path
-    gguf = convert_to_gguf(hf_dir, DEMO_DIR / "model.gguf", GGUF_QUANT, force=True)
-    # llama.cpp backend reads the recommended sampling (greedy) from beside the GGUF
-    shutil.copy(hf_dir / "generation_config.json", DEMO_DIR / "generation_config.json")
-    console.print(
-        f"shipped: {mlx.output.name} {_size(mlx.output) / 1e6:.1f} MB, {gguf.name} {gguf.stat().st_size / 1e6:.1f} MB"
-    )
+    from mlxqwen.display import format_size
 
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    mlx = convert(hf_dir, DEMO_DIR, recipe="4bit", dtype="bfloat16", force=True)
+    (DEMO_DIR / "README.md").unlink()  # the model card would name the build path
+    gguf = convert(hf_dir, DEMO_DIR / "model.gguf", to="gguf", quant=GGUF_QUANT)
+    console.print(f"shipped: MLX {format_size(mlx.size_bytes)}, GGUF {format_size(gguf.size_bytes)} in {DEMO_DIR}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlxqwen.demo.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("build/demo"), help="where the full-precision model goes")
     parser.add_argument("--chats", type=int, default=Settings.chats, help="training chats (fewer: a quick run)")
     parser.add_argument("--seed", type=int, default=Settings.seed)

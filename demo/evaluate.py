@@ -1,4 +1,4 @@
-"""Held-out accuracy of the demo model: `python -m mlxqwen.demo.evaluate [HF_DIR] [--shipped]`.
+"""Held-out accuracy of the demo model: `python -m demo.evaluate [HF_DIR] [--shipped]`.
 
 Each form answers the same held-out questions (`data.test_set`), greedily, thinking on; an
 answer counts when it is exactly the expected one. The full-precision model runs in
@@ -15,7 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import GGUF_QUANT, data, model_path
+from mlxqwen.demo import GGUF_QUANT, model_path
+
+from . import data
 
 MAX_TOKENS = 160
 TARGET, TOLERANCE = 90.0, 5.0
@@ -122,7 +124,7 @@ def accuracy(answer: Answerer, examples: list[data.Example]) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlxqwen.demo.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir", type=Path, nargs="?", default=Path("build/demo/hf"),
                         help="the full-precision model the training wrote (default build/demo/hf)")  # fmt: skip
     parser.add_argument("--shipped", action="store_true", help="also evaluate the shipped MLX 4-bit and GGUF forms")
