@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from common import print_table, qwen3_5_config, write_quantized_checkpoint
+from common import print_table, qwen3_5_config, write_checkpoint
 
 import mlxqwen
 from mlxqwen.config import parse_config
@@ -163,7 +163,7 @@ def projection(streams: int) -> tuple[float, float]:
 
 def build(tmp: Path, hidden: int, layers: int, backends: list[str]) -> dict[str, Path]:
     """The MLX 4-bit checkpoint and, for llama.cpp, the same weights as GGUF Q4_K_M."""
-    path = write_quantized_checkpoint(tmp / f"q4-{hidden}", qwen3_5_config(hidden, layers))
+    path = write_checkpoint(tmp / f"q4-{hidden}", qwen3_5_config(hidden, layers))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(TOKENIZER / name, path / name)
     models = {"mlx": path}

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from common import print_table, qwen3_5_config, write_quantized_checkpoint
+from common import print_table, qwen3_5_config, write_checkpoint
 from mlx.utils import tree_map
 
 import mlxqwen
@@ -75,7 +75,7 @@ def main() -> None:
 
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_quantized_checkpoint(Path(tmp) / "q4", qwen3_5_config(args.hidden, args.layers))
+        path = write_checkpoint(Path(tmp) / "q4", qwen3_5_config(args.hidden, args.layers))
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(TOKENIZER / name, path / name)
         size_mb = (path / "model.safetensors").stat().st_size / 1e6

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from common import print_table, qwen3_5_config, write_quantized_checkpoint
+from common import print_table, qwen3_5_config, write_checkpoint
 from mlxqwen.convert import convert
 
 import mlxqwen
@@ -74,7 +74,7 @@ def build_gguf(arch: str, workdir: Path) -> Path:
     out = workdir / f"{arch}-Q4_K_M.gguf"
     if out.exists():
         return out
-    src = write_quantized_checkpoint(workdir / f"{arch}-mlx", CONFIGS[arch]())
+    src = write_checkpoint(workdir / f"{arch}-mlx", CONFIGS[arch]())
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(TOKENIZER / name, src / name)
     convert(src, out, to="gguf", quant="Q4_K_M")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from common import print_table, qwen3_5_config, write_quantized_checkpoint
+from common import print_table, qwen3_5_config, write_checkpoint
 from mlx.utils import tree_map
 
 from mlxqwen.loader import load_model
@@ -52,7 +52,7 @@ def main() -> None:
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_quantized_checkpoint(Path(tmp) / "q4", qwen3_5_config(args.hidden, args.layers))
+        path = write_checkpoint(Path(tmp) / "q4", qwen3_5_config(args.hidden, args.layers))
         size_mb = (path / "model.safetensors").stat().st_size / 1e6
         prompt = mx.random.randint(0, 151936, (1, args.prompt))
         rows = []

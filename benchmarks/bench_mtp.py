@@ -32,7 +32,7 @@ from math import prod
 from pathlib import Path
 
 import mlx.core as mx
-from common import print_table, qwen3_5_config, write_quantized_checkpoint
+from common import print_table, qwen3_5_config, write_checkpoint
 
 import mlxqwen
 from mlxqwen.backends.runtime import Runtime
@@ -208,7 +208,7 @@ def main() -> None:
             projection(rates)
         if "random" in args.models:
             config = qwen3_5_config(args.hidden, args.layers)
-            checkpoint = write_quantized_checkpoint(tmp / "q4", config, mtp=True)
+            checkpoint = write_checkpoint(tmp / "q4", config, mtp=True)
             for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
                 shutil.copy(TOKENIZER / name, checkpoint / name)
             for backend in args.backend:

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from common import QUESTIONS, print_table, qwen3_5_config, write_quantized_checkpoint
+from common import QUESTIONS, print_table, qwen3_5_config, write_checkpoint
 
 from mlxqwen import demo
 
@@ -184,7 +184,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.mlx is None:
             config = qwen3_5_config(hidden=args.hidden, layers=4)
-            args.mlx = write_quantized_checkpoint(Path(tmp) / "random-4bit", config)
+            args.mlx = write_checkpoint(Path(tmp) / "random-4bit", config)
             for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
                 shutil.copy(TOKENIZER / name, args.mlx / name)
         rows, chats = [], []

@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: a synthetic quantized Qwen3.5-shaped checkpoint in
-mlx-lm's format (random weights), and a table printer."""
+"""Shared pieces of the benchmarks: synthetic Qwen3.5-shaped and Qwen3 checkpoints in mlx-lm's
+format (random weights, quantized or not), and a table printer."""
 
 from __future__ import annotations
 
@@ -59,11 +59,26 @@ def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     }
 
 
-def write_quantized_checkpoint(
-    path: Path, config: dict, bits: int = 4, group_size: int = 64, mtp: bool = False
-) -> Path:
-    """Random weights, quantized like mlx-lm does (scales stored in bf16), written in mlx-lm's
-    format; with `mtp`, a random MTP head (`mtp.*`) too."""
+def qwen3_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
+    return {
+        "model_type": "qwen3",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 3,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": max(1, hidden // 512),
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+    }
+
+
+def write_checkpoint(path: Path, config: dict, bits: int | None = 4, group_size: int = 64, mtp: bool = False) -> Path:
+    """Random weights in bf16, quantized like mlx-lm does (scales stored in bf16) unless bits is None,
+    written in mlx-lm's format; with `mtp`, a random MTP head (`mtp.*`) too."""
     path.mkdir(parents=True, exist_ok=True)
     if mtp:
         config = {**config, "text_config": {**config["text_config"], "mtp_num_hidden_layers": 1}}
@@ -71,13 +86,15 @@ def write_quantized_checkpoint(
     for layer in model.layers:
         if layer.is_linear:
             layer.linear_attn.A_log = mx.log(mx.random.uniform(1.0, 16.0, layer.linear_attn.A_log.shape))
-    nn.quantize(model, group_size, bits)
+    if bits is not None:
+        nn.quantize(model, group_size, bits)
     weights = {
         k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v
         for k, v in tree_flatten(model.parameters())
     }
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = {**config, "quantization": {"group_size": group_size, "bits": bits, "mode": "affine"}}
+    if bits is not None:
+        config = {**config, "quantization": {"group_size": group_size, "bits": bits, "mode": "affine"}}
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 

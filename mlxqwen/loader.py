@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import read_config, read_weights
 from .config import ModelConfig, Yarn, parse_config, with_yarn
 from .errors import ModelLoadError
-from .models import build_model
+from .models import build_model, fuse
 
 # Parameters that lose accuracy outside fp32 (the decay exponent of Gated DeltaNet).
 log = logging.getLogger("mlxqwen")
@@ -128,9 +128,12 @@ def load_model(
     lazy: bool = False,
     yarn: Yarn | None = None,
     mtp: bool | str | Path = False,
+    fused: bool = True,
 ) -> tuple[nn.Module, ModelConfig]:
     """A checkpoint directory as a model and its config. yarn: YaRN context extension. mtp: also
-    Qwen3.5's multi-token-prediction head (see `_mtp_weights`); `model.mtp` holds it when loaded."""
+    Qwen3.5's multi-token-prediction head (see `_mtp_weights`); `model.mtp` holds it when loaded.
+    fused: projections of the same input computed as one (`models.fuse`), for speed; False keeps
+    the module tree, and so the parameter names, of the checkpoint (mlx-lm's)."""
     path = Path(path).expanduser()
     cfg = _config(path, yarn)
     raw, origin = read_weights(path)
@@ -146,6 +149,8 @@ def load_model(
     _quantize_for(model, cfg, weights)
     check_weights(model, weights, origin, path)
     model.load_weights(list(cast_weights(weights, dtype or default_dtype()).items()))
+    if fused:
+        fuse(model)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

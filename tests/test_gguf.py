@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 import mlxqwen
 from mlxqwen.cli import main
+from mlxqwen.loader import load_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -225,7 +226,7 @@ def test_quantized_file_loads_and_generates(request, tmp_path, quant):
 def test_mlx_quantized_source_is_dequantized(tmp_path):
     """An MLX (mlx-lm format) 4-bit directory converts to a GGUF that computes what MLX computes."""
     src = save_checkpoint(build_reference("qwen3_5_moe_text", vocab_size=VOCAB, **_LINEAR), tmp_path / "hf")
-    model = mlxqwen.load(src, dtype=mx.float32).model
+    model, _ = load_model(src, dtype=mx.float32, fused=False)  # mlx-lm's module tree, as files hold it
     nn.quantize(
         model,
         group_size=32,

@@ -1,3 +1,3 @@
-from .model import CausalLM, Qwen3_5, build_model
+from .model import CausalLM, Qwen3_5, build_model, fuse
 
-__all__ = ["CausalLM", "Qwen3_5", "build_model"]
+__all__ = ["CausalLM", "Qwen3_5", "build_model", "fuse"]

@@ -11,7 +11,17 @@ import mlx.nn as nn
 
 from ..cache import KVBatch
 from ..config import ModelConfig
+from .fused import fuse, project
 from .rope import RoPE
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def positions(cache) -> int | mx.array:
+    """Where the next tokens go: the offset of a sequence's cache, or each row's in a batch."""
+    if isinstance(cache, KVBatch):
+        return cache.offsets
+    return cache.offset if cache is not None else 0
 
 
 class Attention(nn.Module):
@@ -31,28 +41,41 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.rope = RoPE(self.head_dim, cfg.rope, cfg.max_position_embeddings)
+        self._sizes = (q_out, *2 * [self.n_kv_heads * self.head_dim])
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def fuse(self) -> None:
+        fuse(self, _PROJECTIONS)
+
+    def inputs(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        """Queries and keys (rotated to positions offset, offset + 1, ...) and values [B, heads, L,
+        head_dim] for x [B, L, H]; then, with Qwen3.5's output gate, the gate [B, L, heads * head_dim]."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        q, k, v = project(self, _PROJECTIONS, self._sizes, x)
+        q = q.reshape(B, L, self.n_heads, -1)
         if self.gated:
             q, gate = mx.split(q, 2, axis=-1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        return (q, k, v, gate.reshape(B, L, -1)) if self.gated else (q, k, v)
 
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:
+        """The attention of `inputs`' queries over the cache (which takes its keys and values)."""
         if isinstance(cache, KVBatch):
-            q, k = self.rope(q, cache.offsets), self.rope(k, cache.offsets)
-            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
-            out = mx.concatenate(rows)
-        else:
-            offset = cache.offset if cache is not None else 0
-            out = self._attend(self.rope(q, offset), self.rope(k, offset), v, cache)
+            return mx.concatenate(
+                [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
+            )
+        return self._attend(q, k, v, cache)
+
+    def output(self, out: mx.array, gate: mx.array | None = None) -> mx.array:
+        """The layer's output from the attention [B, heads, L, head_dim] (and the gate)."""
+        B, _, L, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        if self.gated:
-            out = out * mx.sigmoid(gate.reshape(B, L, -1))
+        if gate is not None:
+            out = out * mx.sigmoid(gate)
         return self.o_proj(out)
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from .fused import fuse, project
 
 
 @mx.compile
@@ -99,6 +100,9 @@ class GatedRMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps) * nn.silu(gate)
 
 
+_IN_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -119,6 +123,10 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.zeros((self.n_v_heads,))
         self.norm = GatedRMSNorm(self.v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_size, cfg.hidden_size, bias=False)
+        self._in_sizes = (self.conv_dim, self.value_size, self.n_v_heads, self.n_v_heads)
+
+    def fuse(self) -> None:
+        fuse(self, _IN_PROJ)
 
     def _conv(self, padded: mx.array) -> mx.array:
         """Depthwise causal conv over the inputs [B, K-1+L, C] (the last K-1 inputs before these)."""
@@ -129,12 +137,24 @@ class GatedDeltaNet(nn.Module):
             out = out + padded[:, i : i + L] * w[:, i]
         return nn.silu(out)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        inputs = self.in_proj_qkv(x)
+    def state(self, cache, x: mx.array) -> tuple[mx.array, mx.array]:
+        """The last kernel-1 conv inputs and the recurrent state that `cache` holds for the batch `x`
+        (zeros before its first token, or without a cache)."""
+        B = x.shape[0]
         past = cache.conv_state if cache is not None else None
         if past is None:
-            past = mx.zeros((B, self.kernel - 1, inputs.shape[-1]), inputs.dtype)
+            past = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
+        state = cache.recurrent_state if cache is not None else None
+        if state is None:
+            state = mx.zeros((B, self.n_v_heads, self.k_dim, self.v_dim), mx.float32)
+        return past, state
+
+    def __call__(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
+        """The output for x [B, L, H] after the conv inputs `past` and recurrent `state` (see `state`),
+        the conv inputs (past, then x's) and the recurrent state after x [1, ...] (every_step: after
+        each of its positions [L, ...]), as `LinearAttentionCache.update` takes them."""
+        B, L, _ = x.shape
+        inputs, z, b, a = project(self, _IN_PROJ, self._in_sizes, x)
         padded = mx.concatenate([past, inputs], axis=1)
         mixed = self._conv(padded)
         q, k, v = mx.split(mixed, [self.key_size, 2 * self.key_size], axis=-1)
@@ -144,18 +164,9 @@ class GatedDeltaNet(nn.Module):
         if self.n_v_heads != self.n_k_heads:
             groups = self.n_v_heads // self.n_k_heads
             q, k = mx.repeat(q, groups, axis=2), mx.repeat(k, groups, axis=2)
-        beta = mx.sigmoid(self.in_proj_b(x).astype(mx.float32))
-        a = self.in_proj_a(x).astype(mx.float32)
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32))
-
-        state = cache.recurrent_state if cache is not None else None
-        if state is None:
-            state = mx.zeros((B, self.n_v_heads, self.k_dim, self.v_dim), mx.float32)
-        every_step = cache is not None and cache.keep_steps
+        beta = mx.sigmoid(b.astype(mx.float32))
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
         out, states = gated_delta_rule(q, k, v, g, beta, state, every_step=every_step)
-        if cache is not None:
-            cache.update(padded, states, self.kernel - 1)
-
-        z = self.in_proj_z(x).reshape(B, L, self.n_v_heads, self.v_dim)
+        z = z.reshape(B, L, self.n_v_heads, self.v_dim)
         out = self.norm(out.astype(x.dtype), z)
-        return self.out_proj(out.reshape(B, L, -1))
+        return self.out_proj(out.reshape(B, L, -1)), padded, states

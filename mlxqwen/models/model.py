@@ -4,14 +4,37 @@ they are and ours load in mlx-lm."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVCache, LinearAttentionCache
 from ..config import ModelConfig
-from .attention import Attention
+from .attention import Attention, positions
 from .gated_delta import GatedDeltaNet
-from .moe import MLP, SparseMoeBlock, stack_experts
+from .moe import MLP, SparseMoeBlock, SwitchGLU, stack_experts
+
+_COMPILED_TOKENS = 4  # a decode step, or a verify step of speculative decoding
+
+
+def _compiled(module: nn.Module, method: str) -> Callable:
+    """`module.method` compiled. The module's arrays are inputs of the compiled function, so it computes
+    with the weights the module holds when called; the module is held weakly, so that one dropped is
+    freed at once (not when the garbage collector finds the cycle)."""
+    module_ref = weakref.ref(module)
+    inputs: list[nn.Module] = []  # the module, while a call runs
+    step = mx.compile(lambda *args: getattr(module_ref(), method)(*args), inputs=inputs)
+
+    def call(*args):
+        inputs.append(module_ref())
+        try:
+            return step(*args)
+        finally:
+            inputs.clear()
+
+    return call
 
 
 class DecoderLayer(nn.Module):
@@ -26,9 +49,38 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
+        self._linear_step = _compiled(self, "_linear")
+        self._attention_in_step = _compiled(self, "_attention_in")
+        self._attention_out_step = _compiled(self, "_attention_out")
+
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        mixer = self.linear_attn if self.is_linear else self.self_attn
-        h = x + mixer(self.input_layernorm(x), cache)
+        # The shapes of a step over a few tokens (decode, verify) recur: such steps run compiled.
+        few = x.shape[1] <= _COMPILED_TOKENS
+        if self.is_linear:
+            past, state = self.linear_attn.state(cache, x)
+            every_step = cache is not None and cache.keep_steps
+            h, conv_inputs, states = (self._linear_step if few else self._linear)(x, past, state, every_step)
+            if cache is not None:
+                cache.update(conv_inputs, states, self.linear_attn.kernel - 1)
+            return h
+        offset = positions(cache)
+        if few and isinstance(offset, int):
+            offset = mx.array(offset)  # an input of the compiled step, not a constant of it
+        q, k, v, *gate = (self._attention_in_step if few else self._attention_in)(x, offset)
+        out = self.self_attn.attend(q, k, v, cache)
+        return (self._attention_out_step if few else self._attention_out)(x, out, *gate)
+
+    def _linear(self, x: mx.array, past: mx.array, state: mx.array, every_step: bool = False):
+        out, conv_inputs, states = self.linear_attn(self.input_layernorm(x), past, state, every_step)
+        return self._mlp(x + out), conv_inputs, states
+
+    def _attention_in(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, ...]:
+        return self.self_attn.inputs(self.input_layernorm(x), offset)
+
+    def _attention_out(self, x: mx.array, out: mx.array, *gate: mx.array) -> mx.array:
+        return self._mlp(x + self.self_attn.output(out, *gate))
+
+    def _mlp(self, h: mx.array) -> mx.array:
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -168,3 +220,12 @@ class Qwen3_5(nn.Module):
 def build_model(cfg: ModelConfig, mtp: bool = False) -> nn.Module:
     """The model for `cfg`; with `mtp`, Qwen3.5's multi-token-prediction head too."""
     return Qwen3_5(cfg, mtp) if cfg.family == "qwen3_5" else CausalLM(cfg)
+
+
+def fuse(model: nn.Module) -> None:
+    """Fuse, in place, the projections that read the same input (see `fused`). The model's parameters
+    then no longer match mlx-lm's files (a run's first projection holds the run): do it after loading
+    the weights."""
+    for module in model.modules():
+        if isinstance(module, (Attention, GatedDeltaNet, MLP, SwitchGLU)):
+            module.fuse()

@@ -7,6 +7,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ModelConfig
+from .fused import fuse, project
+
+_GATE_UP = ("gate_proj", "up_proj")
 
 
 class SwitchLinear(nn.Module):
@@ -61,6 +64,10 @@ class SwitchGLU(nn.Module):
         self.gate_proj = SwitchLinear(dims, hidden, num_experts)
         self.up_proj = SwitchLinear(dims, hidden, num_experts)
         self.down_proj = SwitchLinear(hidden, dims, num_experts)
+        self._sizes = (hidden, hidden)
+
+    def fuse(self) -> None:
+        fuse(self, _GATE_UP)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         # x [N, D], indices [N, k] -> [N, k, D]
@@ -74,8 +81,8 @@ class SwitchGLU(nn.Module):
             inverse = mx.argsort(order)
             x = x.flatten(0, -3)[order // k]
             indices = flat[order]
-        h = nn.silu(self.gate_proj(x, indices, sort)) * self.up_proj(x, indices, sort)
-        out = self.down_proj(h, indices, sort)
+        gate, up = project(self, _GATE_UP, self._sizes, x, indices, sort)
+        out = self.down_proj(nn.silu(gate) * up, indices, sort)
         if sort:
             out = out[inverse].reshape(N, k, 1, -1)
         return out.squeeze(-2)
@@ -87,9 +94,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dims, hidden, bias=False)
         self.up_proj = nn.Linear(dims, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dims, bias=False)
+        self._sizes = (hidden, hidden)
+
+    def fuse(self) -> None:
+        fuse(self, _GATE_UP)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, _GATE_UP, self._sizes, x)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class SparseMoeBlock(nn.Module):
