@@ -128,6 +128,12 @@ class Sampler:
         self.seen: mx.array | None = None  # occurrences in context + output
         self.counts: mx.array | None = None  # occurrences in output
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a draw depends on the tokens drawn before it (repetition, presence or frequency penalty)."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
     def _penalize(self, logits: mx.array) -> mx.array:
         p = self.params
         vocab = logits.shape[-1]

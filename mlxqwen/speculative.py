@@ -29,6 +29,30 @@ def accept(sampler: Sampler, logits: mx.array, guesses: list[int], drafts: list[
     """The tokens that follow, given the model's logits [k+1, vocab] over the next token and the k
     `guesses`, and the distributions `drafts` they were drawn from. Returns the accepted guesses
     plus one more token, and how many guesses were accepted; the sampler records them."""
+    if sampler.penalized:  # each position's distribution depends on the guesses kept before it
+        return _accept_in_turn(sampler, logits, guesses, drafts)
+    # Otherwise every test is decided in one evaluation (each one apart is a sync with the device).
+    k = len(guesses)
+    p = [sampler.distribution(logits[j]) for j in range(k + 1)]
+    if sampler.params.temperature == 0:
+        best = mx.argmax(mx.stack(p), axis=-1).tolist()
+        n = next((j for j in range(k) if guesses[j] != best[j]), k)
+        return guesses[:n] + [best[n]], n
+    ids = mx.array(guesses)
+    u = mx.stack([sampler.uniform() for _ in range(k)])
+    kept = u * mx.stack(drafts)[mx.arange(k), ids] <= mx.stack(p[:k])[mx.arange(k), ids]
+    last = sampler.draw_from(p[k])
+    mx.eval(kept, last)
+    n = next((j for j, ok in enumerate(kept.tolist()) if not ok), k)
+    if n == k:
+        return guesses + [last.item()], k
+    residual = mx.maximum(p[n] - drafts[n], 0.0)
+    return guesses[:n] + [sampler.draw_from(residual / residual.sum()).item()], n
+
+
+def _accept_in_turn(
+    sampler: Sampler, logits: mx.array, guesses: list[int], drafts: list[mx.array]
+) -> tuple[list[int], int]:
     tokens = []
     for j, (guess, q) in enumerate(zip(guesses, drafts, strict=True)):
         p = sampler.distribution(logits[j])

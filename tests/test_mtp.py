@@ -81,12 +81,16 @@ def test_demo_model_keeps_most_guesses_and_answers_the_same():
         assert done.stats.accepted_tokens > 0.6 * done.stats.draft_tokens > 0
 
 
-def test_sampling_follows_the_same_distribution(tmp_path):
-    """A tiny vocabulary and a random head: many guesses refused, residual draws among them."""
+@pytest.mark.parametrize(
+    "penalties", [{}, dict(repetition_penalty=1.3, presence_penalty=0.5)], ids=["unpenalized", "penalized"]
+)
+def test_sampling_follows_the_same_distribution(tmp_path, penalties):
+    """A tiny vocabulary and a random head: many guesses refused, residual draws among them. With
+    penalties, each guess is tested against a distribution that counts the guesses kept before it."""
     ref = build_reference("qwen3_5_text", vocab_size=48)
     path = add_mtp_head(save_checkpoint(ref, tmp_path / "tiny"), MTPReference(ref))
     prompt, n, samples = [3, 7, 11, 5, 2], 4, 400
-    options = dict(temperature=1.0, top_k=12, top_p=0.9, max_tokens=n, logprobs=0)
+    options = dict(temperature=1.0, top_k=12, top_p=0.9, max_tokens=n, logprobs=0, **penalties)
 
     def draws(**load) -> np.ndarray:
         llm = mlxqwen.load(path, dtype=mx.float32, prefix_cache=False, max_concurrent=64, max_queue=samples, **load)
