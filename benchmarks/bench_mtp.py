@@ -41,7 +41,7 @@ from mlxqwen.llm import LLM, last
 
 QUESTIONS = [
     "What is 37 + 48?",
-    "What is 804 - 259?",
+    "What is 84 - 29?",
     "What is 6 times 73?",
     "What is the capital of Peru?",
     "Convert 7 km to m.",
