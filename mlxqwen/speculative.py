@@ -16,6 +16,7 @@ much on a CPU, where guessing would only lose."""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -75,19 +76,25 @@ def _accept_in_turn(
 @dataclass
 class DepthChooser:
     """Picks the depth with the most tokens per second: expected tokens per step (from the
-    acceptance rate at each guess position) over the measured seconds per step at that depth and
-    batch size. Each depth is measured first, twice for a batch size (its first step builds new
-    shapes, so it is not counted); every `probe` steps the depth measured longest ago is measured
-    again, so the choice follows the machine and the text. `fixed` pins it."""
+    acceptance rate at each guess position) over the seconds per step at that depth and batch size:
+    the fastest of its last `window` steps, since what else runs on the machine only ever adds time.
+    Each depth is measured first, twice for a batch size (its first step builds new shapes, so it is
+    not counted); then now and then the other depth measured longest ago is measured again, so the
+    choice follows the machine and the text: after `probe` steps at least, and after as many as
+    keep what such a step costs beyond a step at the best depth within `probe_share` of the time
+    (a depth-3 step of the MTP head can cost several plain steps). `fixed` pins it."""
 
     max_depth: int = MAX_DEPTH
     fixed: int | None = None
     probe: int = 32
-    seconds: dict[tuple[int, int], float] = field(default_factory=dict)  # (depth, batch) -> seconds per step
+    probe_share: float = 0.02
+    window: int = 8
+    times: dict[tuple[int, int], deque[float]] = field(default_factory=dict)  # (depth, batch) -> recent steps' seconds
     measured: dict[tuple[int, int], int] = field(default_factory=dict)  # (depth, batch) -> the step last measured
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)  # guess j kept, given j-1 were
     proposed: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)
     steps: int = 0
+    probed: int = 0  # the step of the last probe
 
     def acceptance(self, j: int) -> float:
         return self.accepted[j] / self.proposed[j] if self.proposed[j] else 0.7
@@ -105,12 +112,17 @@ class DepthChooser:
             return self.fixed
         self.steps += 1
         depths = range(self.max_depth + 1)
-        untried = [d for d in depths if (d, batch) not in self.seconds]
+        untried = [d for d in depths if (d, batch) not in self.times]
         if untried:
             return untried[0]
-        if self.steps % self.probe == 0:
-            return min(depths, key=lambda d: self.measured[d, batch])
-        return max(depths, key=lambda d: self.expected(d) / self.seconds[d, batch])
+        seconds = {d: min(self.times[d, batch]) for d in depths}
+        best = max(depths, key=lambda d: self.expected(d) / seconds[d])
+        stale = min((d for d in depths if d != best), key=lambda d: self.measured[d, batch])
+        extra = seconds[stale] / seconds[best] - 1  # what a probe costs, in steps at the best depth
+        if self.steps - self.probed >= max(self.probe, extra / self.probe_share):
+            self.probed = self.steps
+            return stale
+        return best
 
     def record(self, depth: int, batch: int, seconds: float, kept: list[int] = ()) -> None:
         """A step at `depth` over `batch` sequences took `seconds`; `kept`: guesses accepted per sequence."""
@@ -120,7 +132,5 @@ class DepthChooser:
                 self.accepted[j] = 0.95 * self.accepted[j] + (j < n)
         key = (depth, batch)
         if key in self.measured:  # not the first step: that one built new shapes
-            if key in self.seconds:  # a step slowed by something else (another process) counts as 3 at most
-                seconds = 0.7 * self.seconds[key] + 0.3 * min(seconds, 3 * self.seconds[key])
-            self.seconds[key] = seconds
+            self.times.setdefault(key, deque(maxlen=self.window)).append(seconds)
         self.measured[key] = self.steps
