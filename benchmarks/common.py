@@ -28,17 +28,26 @@ QUESTIONS = [
 ]
 
 
+def _decoder(hidden: int, layers: int, vocab: int) -> dict:
+    """What both families' configs share: sizes in proportion to `hidden`, Qwen's head counts."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 3,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": max(1, hidden // 512),
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
+
+
 def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     return {
         "model_type": "qwen3_5",
         "text_config": {
             "model_type": "qwen3_5_text",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 3,
-            "num_hidden_layers": layers,
-            "num_attention_heads": hidden // 128,
-            "num_key_value_heads": max(1, hidden // 512),
+            **_decoder(hidden, layers, vocab),
             "head_dim": 256,
             "linear_num_key_heads": hidden // 128,
             "linear_num_value_heads": hidden // 64,
@@ -46,7 +55,6 @@ def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
             "linear_value_head_dim": 128,
             "linear_conv_kernel_dim": 4,
             "full_attention_interval": 4,
-            "rms_norm_eps": 1e-6,
             "max_position_embeddings": 262144,
             "rope_parameters": {
                 "rope_type": "default",
@@ -54,7 +62,6 @@ def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
                 "partial_rotary_factor": 0.25,
                 "mrope_section": [11, 11, 10],
             },
-            "tie_word_embeddings": False,
         },
     }
 
@@ -62,17 +69,10 @@ def qwen3_5_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
 def qwen3_config(hidden: int, layers: int, vocab: int = 151936) -> dict:
     return {
         "model_type": "qwen3",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 3,
-        "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 128,
-        "num_key_value_heads": max(1, hidden // 512),
+        **_decoder(hidden, layers, vocab),
         "head_dim": 128,
-        "rms_norm_eps": 1e-6,
         "max_position_embeddings": 40960,
         "rope_theta": 1e6,
-        "tie_word_embeddings": False,
     }
 
 
