@@ -203,7 +203,7 @@ def main() -> None:
         tmp = Path(tmp)
         if "demo" in args.models:
             for backend in args.backend:
-                path = model_path() if backend == "mlx" else gguf_with_head(model_path(), tmp / "demo-Q4_K_M.gguf")
+                path = model_path("mlx" if backend == "mlx" else "gguf")  # the shipped GGUF carries the head
                 rates = model_rows(f"demo, {backend}", path, backend, args.rounds, args.max_tokens)
             projection(rates)
         if "random" in args.models:
@@ -218,9 +218,9 @@ def main() -> None:
 
 
 def gguf_with_head(source: Path, out: Path) -> Path:
-    from mlxqwen.convert.gguf import convert_to_gguf
+    from mlxqwen.convert import convert
 
-    return convert_to_gguf(source, out, "Q4_K_M")
+    return convert(source, out, to="gguf", quant="Q4_K_M").output
 
 
 if __name__ == "__main__":
