@@ -122,10 +122,10 @@ def plan(
     options: dict[str, Any],
     out_dtype: mx.Dtype,
     progress: Progress | None,
-) -> tuple[dict[str, Quant], dict[str, dict[Quant, float]]]:
-    """The setting of every quantized tensor under the budget `options` state, and the
-    sensitivities it was chosen from. `decoder`, `mtp`: the lazy source tensors (nothing is read
-    but the calibration pass's weights)."""
+) -> tuple[dict[str, Quant], dict[str, dict[Quant, float]], dict[str, mx.array]]:
+    """The setting of every quantized tensor under the budget `options` state, the sensitivities
+    it was chosen from, and the importance of the matrices' input columns (`sensitivity.measure`).
+    `decoder`, `mtp`: the lazy source tensors (nothing is read but the calibration pass's weights)."""
     cfg, target = checkpoint.cfg, options["target_bpw"]
     # --target-bpw counts the file's bytes; --fit the bytes the runtime holds (unquantized tensors cast)
     dtype = out_dtype if target is not None else default_dtype()
@@ -155,8 +155,8 @@ def plan(
             need = f"{format_size(least + rest.total)} with its K/V cache and working memory"
         raise ConvertError(f"{what}: too small for this model, which needs at least {need} (every matrix at 2 bits)")
     batch = calibration_batch(checkpoint.path, cfg.vocab_size, options["calibration"])
-    sensitivity = measure(checkpoint, batch, chosen, seed=options["seed"], progress=progress)
-    return {**allocate(shapes, sensitivity, budget, dtype.size), **head}, sensitivity
+    sensitivity, importance = measure(checkpoint, batch, chosen, seed=options["seed"], progress=progress)
+    return {**allocate(shapes, sensitivity, budget, dtype.size), **head}, sensitivity, importance
 
 
 def _uniform(name: str, shape: tuple[int, ...], target: float, itemsize: int) -> Quant | None:

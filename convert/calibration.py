@@ -33,9 +33,9 @@ def shipped_text(tokenizer: Tokenizer) -> str:
     return "".join(render(c["messages"], tools=c.get("tools"), add_generation_prompt=False) for c in chats)
 
 
-def user_text(file: str | Path) -> str:
-    """The text of `--calibration FILE`: UTF-8, not empty."""
-    path, said = Path(file).expanduser(), option("calibration", file)
+def user_text(file: str | Path, flag: str = "calibration") -> str:
+    """The text of `--calibration FILE` (or another `flag`): UTF-8, not empty."""
+    path, said = Path(file).expanduser(), option(flag, file)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

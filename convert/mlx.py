@@ -25,7 +25,7 @@ from mlxqwen.errors import ConvertError, option
 from mlxqwen.loader import cast_weights, default_dtype
 from mlxqwen.models import build_model
 
-from . import budget
+from . import budget, rounding
 from .card import write_card
 from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
@@ -79,6 +79,12 @@ class MlxFormat(OutputFormat):
         "context": Option("context --fit must leave room for, tokens (default 32768)", 32768, int),
         "calibration": Option("UTF-8 text to calibrate a budget on (default: the built-in chats)", type=str),
         "seed": Option("seed of the calibration's random draws (default 0)", 0, int),
+        "rounding": Option(
+            "with a budget: scales fitted to the calibration's activations, or plain round-to-nearest "
+            "(default activation)",
+            "activation",
+            choices=("activation", "nearest"),
+        ),
         "dtype": Option("dtype of the unquantized tensors (default: the source's)", choices=DTYPES),
         "vision": Option("copy the vision tower, unquantized (dropped by default)", False, switch=True),
         "shard_size": Option("largest output shard, GB (default 5)", 5.0, float),
@@ -118,9 +124,11 @@ class MlxFormat(OutputFormat):
         tokens = calibration_tokens(source.path, checkpoint.cfg.vocab_size) if options["eval"] else []
         out_dtype = getattr(mx, options["dtype"] or _source_dtype(checkpoint.cfg))
         decoder, mtp, vision_tower = checkpoint.tensors()
-        sensitivity = None
+        sensitivity, importance = None, {}
         if budgeted:
-            quants, sensitivity = budget.plan(checkpoint, decoder, mtp, options, out_dtype, progress)
+            quants, sensitivity, importance = budget.plan(checkpoint, decoder, mtp, options, out_dtype, progress)
+            if options["rounding"] == "nearest":
+                importance = {}
             default = Counter(quants.values()).most_common(1)[0][0]
         else:
             shapes = {name: v.shape for name, v in {**decoder, **mtp}.items()}
@@ -148,7 +156,10 @@ class MlxFormat(OutputFormat):
                 if name in quants:
                     path = name.removesuffix(".weight")
                     bits, group = quants[name]
-                    packed = mx.quantize(value, group, bits)
+                    if name in importance:
+                        packed = rounding.quantize(value, importance.pop(name), group, bits)
+                    else:
+                        packed = mx.quantize(value, group, bits)
                     arrays = dict(zip((f"{path}.weight", f"{path}.scales", f"{path}.biases"), packed, strict=True))
                 else:
                     arrays = {name: value}
@@ -171,7 +182,18 @@ class MlxFormat(OutputFormat):
                 description = f"`{self.label(options)}`: {RECIPES[recipe].description}"
                 description += f", group size {group_size}" if quants else ""
             description += f"; unquantized tensors in {_dtype_name(out_dtype)}"
-            write_card(tmp, output.name, source, description, writer.total_bytes, len(files), bits_per_weight, quality)
+            write_card(
+                tmp,
+                output.name,
+                source,
+                description,
+                writer.total_bytes,
+                len(files),
+                bits_per_weight,
+                quality,
+                sensitivity,
+                quants,
+            )
         return ConvertResult(
             output=output,
             recipe=self.label(options),

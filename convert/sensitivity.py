@@ -36,11 +36,12 @@ def measure(
     *,
     seed: int = 0,
     progress: Progress | None = None,
-) -> dict[str, dict[Quant, float]]:
+) -> tuple[dict[str, dict[Quant, float]], dict[str, mx.array]]:
     """KL (nats per token) that each setting of each tensor in `quants` (decoder names) costs on
-    the calibration sequences `batch` [B, T]."""
+    the calibration sequences `batch` [B, T]; and the importance of each matrix's input columns,
+    the mean square of its input (per expert and column for stacked experts) on the same text."""
     sequences, length = batch.shape
-    hidden = _layer_inputs(checkpoint, batch, progress)
+    hidden, importance = _layer_inputs(checkpoint, batch, quants, progress)
     model = source_model(checkpoint, mx.float32)
     lm = getattr(model, "language_model", model)
     prefix = "" if lm is model else "language_model."
@@ -94,7 +95,7 @@ def measure(
         progress.advance(task)
     tokens = samples * sequences * length
     kl = {name: (0.5 * mx.stack(alignments) ** 2).sum(axis=0) / tokens for name, alignments in parts.items()}
-    return {name: dict(zip(quants[name], kl[name].tolist(), strict=True)) for name in quants}
+    return {name: dict(zip(quants[name], kl[name].tolist(), strict=True)) for name in quants}, importance
 
 
 def _error(weight: mx.array, quant: Quant) -> mx.array:
@@ -123,18 +124,65 @@ def _vjp(module: nn.Module, names: list[str], fn, x: mx.array, cotangent: mx.arr
     return grads[0], list(grads[1:])
 
 
-def _layer_inputs(checkpoint: SourceCheckpoint, batch: mx.array, progress: Progress | None) -> list[mx.array]:
+class _Recorder(nn.Module):
+    """Wraps a linear layer (or a layer of stacked experts) and sums the squares of its inputs per
+    input column (per expert and column)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        experts = module.weight.shape[:-2]
+        self.squares = mx.zeros((*experts, module.weight.shape[-1]))
+        self.count = mx.zeros((*experts, 1))
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        squares = x.astype(mx.float32) ** 2
+        if args:  # stacked experts: `x` [..., 1, D] goes to the experts `args[0]` names
+            indices = args[0]
+            squares = squares.squeeze(-2) if squares.ndim == indices.ndim + 2 else squares
+            squares = mx.broadcast_to(squares, (*indices.shape, squares.shape[-1])).reshape(-1, squares.shape[-1])
+            self.squares = self.squares.at[indices.flatten()].add(squares)
+            self.count = self.count.at[indices.flatten()].add(1)
+        else:
+            self.squares = self.squares + squares.reshape(-1, squares.shape[-1]).sum(axis=0)
+            self.count = self.count + squares.size // squares.shape[-1]
+        return self.module(x, *args, **kwargs)
+
+
+def _wrap(layer: nn.Module, names: list[str]) -> dict[str, _Recorder]:
+    """Put a recorder around each of `layer`'s submodules whose weight is named in `names`."""
+    recorders = {}
+    for name in names:
+        path = name.removesuffix(".weight").split(".")
+        parent = layer
+        for part in path[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
+        recorders[name] = _Recorder(getattr(parent, path[-1]))
+        setattr(parent, path[-1], recorders[name])
+    return recorders
+
+
+def _layer_inputs(
+    checkpoint: SourceCheckpoint, batch: mx.array, quants: dict[str, list[Quant]], progress: Progress | None
+) -> tuple[list[mx.array], dict[str, mx.array]]:
     """The input of every layer, and the last layer's output, on `batch`: a forward pass that reads
-    one layer at a time and then drops it."""
+    one layer at a time and then drops it. Also the mean square of each quantized matrix's input
+    per column (per expert and column for stacked experts): its importance."""
     model = source_model(checkpoint, mx.float32)
     lm = getattr(model, "language_model", model)
+    prefix = "" if lm is model else "language_model."
     layers = lm.model.layers
     task = add_task(progress, "sensitivity: forward", len(layers)) if progress is not None else None
-    hidden = [lm.model.embed_tokens(batch)]
+    hidden, importance = [lm.model.embed_tokens(batch)], {}
     for i in range(len(layers)):
+        layer_prefix = f"{prefix}model.layers.{i}."
+        names = [n for n, _ in tree_flatten(layers[i].parameters()) if layer_prefix + n in quants]
+        recorders = _wrap(layers[i], names)
         hidden.append(layers[i](hidden[-1]))
-        mx.eval(hidden[-1])
+        for name, recorder in recorders.items():
+            importance[layer_prefix + name] = recorder.squares / mx.maximum(recorder.count, 1)
+        mx.eval(hidden[-1], importance)
         layers[i] = None
         if task is not None:
             progress.advance(task)
-    return hidden
+    return hidden, importance

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from checkpoints import TOKENIZER_DIR
 from mlx.utils import tree_flatten, tree_unflatten
-from mlxqwen.convert import convert
+from mlxqwen.convert import convert, rounding
 from mlxqwen.convert.budget import allocate, parse_size
 from mlxqwen.convert.calibration import TEXT, calibration_batch, shipped_text
+from mlxqwen.convert.evaluate import evaluate_models
 from mlxqwen.convert.quality import source_model
 from mlxqwen.convert.reader import SourceCheckpoint
 from mlxqwen.convert.recipes import quantized_bytes, quants_for
@@ -105,7 +106,7 @@ def test_sensitivity_estimates_measured_kl(tmp_path, calibration):
     ]
     names += ["lm_head.weight"]
     settings = [(2, 64), (4, 64), (8, 64)]
-    estimate = measure(checkpoint, batch, {n: settings for n in names}, seed=0)
+    estimate, _ = measure(checkpoint, batch, {n: settings for n in names}, seed=0)
     reference = source_model(checkpoint, mx.float32)(batch)
     for name in names:
         for q in settings:
@@ -117,6 +118,30 @@ def test_sensitivity_estimates_measured_kl(tmp_path, calibration):
             kl = (mx.exp(lp) * (lp - lq)).sum(axis=-1).mean().item()
             assert kl / 3 < estimate[name][q] < 3 * kl, (name, q, kl, estimate[name][q])
         assert estimate[name][(2, 64)] > 4 * estimate[name][(4, 64)]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_activation_aware_rounding(bits):
+    """Never a worse weighted error than round-to-nearest in any group, packed as mx.quantize packs."""
+    weight = mx.random.normal((3, 32, 256), key=mx.random.key(1)).astype(mx.bfloat16)
+    importance = mx.exp(2 * mx.random.normal((3, 256), key=mx.random.key(2)))  # uneven columns, per expert
+    packed, scales, biases = rounding.quantize(weight, importance, 64, bits)
+    nearest = mx.quantize(weight, 64, bits)
+    assert [a.shape for a in (packed, scales, biases)] == [a.shape for a in nearest]
+    assert packed.dtype == mx.uint32 and scales.dtype == biases.dtype == mx.bfloat16
+    w = weight.astype(mx.float32)
+
+    def error(packed, scales, biases):  # weighted squared error per group (dequantized in fp32)
+        deq = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=64, bits=bits)
+        return ((deq - w) ** 2 * importance[:, None]).reshape(3, 32, 4, 64).sum(-1)
+
+    ours, theirs = error(packed, scales, biases), error(*nearest)
+    assert (ours <= theirs * (1 + 1e-3)).all() and ours.sum() < 0.9 * theirs.sum()
+    # the levels unpack to the scale and bias they were fitted with
+    levels = mx.round(
+        (mx.dequantize(packed, scales, biases, 64, bits) - mx.repeat(biases, 64, -1)) / mx.repeat(scales, 64, -1)
+    )
+    assert mx.array_equal(rounding._pack(levels.astype(mx.uint32), bits), packed)
 
 
 def test_allocation_fills_the_budget_greedily():
@@ -211,3 +236,34 @@ def test_parse_size():
     with pytest.raises(ConvertError):
         parse_size("16 gigs")
     assert quants_for("model.layers.0.mlp.gate.weight", (4, 128)) == []  # routers stay precise
+
+
+def test_card_has_the_sensitivity_table(tmp_path, calibration, few_draws):
+    src = source(tmp_path / "hf")
+    convert(src, tmp_path / "out", target_bpw=4.5, calibration=str(calibration))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Sensitivity (30 most sensitive of 30 tensors)" in card
+    assert "| `lm_head` |" in card and "| `model.layers.0.mlp.down_proj` |" in card
+
+
+def test_eval_any_two_models(tmp_path, capsys):
+    """`mlxqwen eval` gives the conversion's own report for an MLX output, and runs GGUF files too."""
+    src = source(tmp_path / "hf")
+    report = convert(src, tmp_path / "q4", recipe="4bit", eval=True).quality
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "q4"), "--against", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert f"KL {report.kl:.4f} nats/token, top-1 agreement {report.top1:.1%}" in out
+
+
+def test_eval_gguf(tmp_path):
+    pytest.importorskip("llama_cpp")
+    _, src = hf_checkpoint("qwen3", tmp_path / "hf", vocab_size=151936)  # llama.cpp needs Qwen's tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT[:300])
+    convert(src, tmp_path / "f32.gguf", to="gguf", quant="F32")
+    convert(src, tmp_path / "q8.gguf", to="gguf", quant="Q8_0")
+    exact = evaluate_models(tmp_path / "f32.gguf", src, text)
+    assert exact.kl < 1e-6 and exact.top1 == 1.0  # llama.cpp and mlxqwen agree on the unquantized model
+    q8 = evaluate_models(tmp_path / "q8.gguf", tmp_path / "f32.gguf", text)  # both sides GGUF
+    assert 0 < q8.kl < 0.01 and q8.tokens == exact.tokens
