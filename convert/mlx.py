@@ -77,7 +77,7 @@ class MlxFormat(OutputFormat):
         ),
         "fit": Option("instead of a recipe: the most bits that fit this memory (e.g. 16GB) at --context", type=str),
         "context": Option("context --fit must leave room for, tokens (default 32768)", 32768, int),
-        "calibration": Option("UTF-8 text to calibrate a budget on (default: the built-in chats)", type=str),
+        "calibration": Option("UTF-8 text to calibrate on (default: the built-in chats)", type=str),
         "seed": Option("seed of the calibration's random draws (default 0)", 0, int),
         "rounding": Option(
             "with a budget: scales fitted to the calibration's activations, or plain round-to-nearest "

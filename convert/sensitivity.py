@@ -185,4 +185,17 @@ def _layer_inputs(
         layers[i] = None
         if task is not None:
             progress.advance(task)
+    if f"{prefix}lm_head.weight" in quants:  # the output layer reads the final norm's output
+        h = lm.model.norm(hidden[-1]).astype(mx.float32)
+        importance[f"{prefix}lm_head.weight"] = (h**2).reshape(-1, h.shape[-1]).mean(axis=0)
     return hidden, importance
+
+
+def importance(
+    checkpoint: SourceCheckpoint, batch: mx.array, names: list[str], progress: Progress | None = None
+) -> dict[str, mx.array]:
+    """The importance of the input columns of the matrices `names` (see `measure`) on `batch`:
+    a forward pass only, what llama.cpp's importance matrix holds."""
+    hidden, found = _layer_inputs(checkpoint, batch, dict.fromkeys(names), progress)
+    del hidden
+    return found

@@ -12,6 +12,7 @@ import pytest
 from checkpoints import TOKENIZER_DIR
 from mlx.utils import tree_flatten, tree_unflatten
 from mlxqwen.convert import convert, rounding
+from mlxqwen.convert import gguf as gguf_format
 from mlxqwen.convert.budget import allocate, parse_size
 from mlxqwen.convert.calibration import TEXT, calibration_batch, shipped_text
 from mlxqwen.convert.evaluate import evaluate_models
@@ -267,3 +268,41 @@ def test_eval_gguf(tmp_path):
     assert exact.kl < 1e-6 and exact.top1 == 1.0  # llama.cpp and mlxqwen agree on the unquantized model
     q8 = evaluate_models(tmp_path / "q8.gguf", tmp_path / "f32.gguf", text)  # both sides GGUF
     assert 0 < q8.kl < 0.01 and q8.tokens == exact.tokens
+
+
+def test_gguf_importance_matrix(tmp_path, monkeypatch):
+    """llama.cpp's quantizer gets our importance matrix, by its tensor names, and its K-quants change."""
+    pytest.importorskip("llama_cpp")
+    # K-quants need rows of 256; llama.cpp needs Qwen's tokenizer
+    _, src = hf_checkpoint("qwen3", tmp_path / "hf", vocab_size=151936, hidden_size=256, intermediate_size=512)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT[:1500])
+    convert(src, tmp_path / "plain.gguf", to="gguf", quant="Q4_K_M")
+    given = {}
+    quantize = gguf_format._llama_quantize
+
+    def spy(src, out, file_type, progress, imatrix):
+        given.update(imatrix)
+        quantize(src, out, file_type, progress, imatrix)
+
+    monkeypatch.setattr(gguf_format, "_llama_quantize", spy)
+    convert(src, tmp_path / "imatrix.gguf", to="gguf", quant="Q4_K_M", imatrix=True, calibration=str(text))
+    assert len(given) == 4 * 7 + 1 and given["output.weight"].shape == (256,)  # 4 layers x 7, and the output
+    assert given["blk.0.ffn_down.weight"].shape == (512,) and (given["blk.0.attn_q.weight"] > 0).all()
+    a, b = ((tmp_path / f).read_bytes() for f in ("plain.gguf", "imatrix.gguf"))
+    assert len(a) == len(b) and a != b  # same types, other roundings
+    q = evaluate_models(tmp_path / "imatrix.gguf", src, text)
+    assert 0 < q.kl < 0.05
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--quant", "Q8_0", "--imatrix"], "--imatrix: only llama.cpp's K-quants use an importance matrix"),
+        (["--quant", "Q4_K_M", "--calibration", "x.txt"], "--calibration x.txt: calibrates an importance matrix"),
+    ],
+)
+def test_bad_imatrix_options(tmp_path, capsys, options, expected):
+    assert main(["convert", str(tmp_path), "--to", "gguf", *options]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err
