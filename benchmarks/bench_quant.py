@@ -10,7 +10,8 @@ held-out text (the quality report's text, never calibrated on), for
   is installed (its own bits per weight: K-quants have their own layout).
 
 Models (built here, random weights moved off their initial values by `tests/checkpoints.py`):
-- `random`: Qwen3-shaped, hidden 256, 4 layers, 4 heads of 64, intermediate 768, vocabulary 480;
+- `random`: Qwen3-shaped, hidden 256, 4 layers, 4 heads of 64, intermediate 768, a byte-level BPE
+  of 480 tokens (trained on the report's text, with Qwen's pre-tokenizer);
 - `outliers`: the same with the massive-activation channels real LLMs have, injected: in 4 of the
   256 hidden channels the embedding columns are scaled by 20 and every RMSNorm weight by 10, so
   those channels of the residual stream and of every projection's input are 10-200x the others.
@@ -32,6 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from checkpoints import TOKENIZER_DIR as QWEN_TOKENIZER  # noqa: E402
 from checkpoints import build_reference, save_checkpoint  # noqa: E402
 from common import print_table  # noqa: E402
 from mlxqwen.convert import convert  # noqa: E402
@@ -59,6 +61,10 @@ def build(kind: str, path: Path) -> Path:
                     param[channels] *= 10
     src = save_checkpoint(ref, path)
     small_tokenizer(src)
+    # Qwen's pre-tokenizer, so that llama.cpp recognises the tokenizer (GGUF rows)
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = json.loads((QWEN_TOKENIZER / "tokenizer.json").read_text())["pre_tokenizer"]
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
     return src
 
 
