@@ -33,6 +33,7 @@ from .recipes import Quant, quantized_bytes, quants_for
 from .sensitivity import measure
 
 MIN_BPW = 2.0
+_FIT_HEAD_BPW = 4.5  # an MTP head under --fit: 4-bit, group 64
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(k|m|g|t)i?b?\s*$", re.IGNORECASE)
 
 
@@ -134,7 +135,7 @@ def plan(
     chosen = {name: quants_for(name, shapes[name]) for name in weights}
     chosen = {name: quants for name, quants in chosen.items() if quants}
     fixed = sum(value.nbytes for name, value in weights.items() if name not in chosen)
-    head = {name: _uniform(name, shapes[name], target if target is not None else 4.5, dtype.size) for name in mtp}
+    head = {name: _uniform(name, shapes[name], target or _FIT_HEAD_BPW, dtype.size) for name in mtp}
     head = {name: q for name, q in head.items() if q}
     if target is not None:
         budget = int(target * sum(v.size for v in weights.values()) / 8) - fixed
