@@ -62,6 +62,7 @@ def convert(
     message, on bad input; `output` is then left as it was."""
     fmt = output_format(to)
     options = format_options(to, options)
+    fmt.check(options)
     output = Path(output).expanduser() if output else default_output(source, to, **options)
     check_output(output.absolute(), force)
     try:

@@ -1,6 +1,76 @@
-"""The built-in calibration text of the quality report: about a thousand tokens of the kinds of
-text a local Qwen model is asked for (explanations, chat, code, arithmetic, structured data,
-Chinese), written for this project."""
+"""Text the converter measures models on, written for this project.
+
+- `TEXT`: the quality report's held-out text, about a thousand tokens of the kinds of text a
+  local Qwen model is asked for (explanations, chat, code, arithmetic, structured data, Chinese).
+- `calibration_chats.json`: the calibration set that bit budgets and calibrated rounding learn
+  from: conversations with thinking, tool calls and tool results (prose, code, arithmetic, SQL,
+  JSON, Chinese, French, German, Spanish), rendered with the checkpoint's own chat template, so
+  that the model sees them as it does in use. `--calibration FILE` replaces them with the user's
+  own text. Calibration and report never share text, so the report measures held-out text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxqwen.errors import ConvertError, option
+from mlxqwen.tokenizer import Tokenizer
+
+CHATS = Path(__file__).with_name("calibration_chats.json")
+SEQUENCE = 512  # tokens per calibration sequence
+MAX_SEQUENCES = 8
+
+
+def shipped_text(tokenizer: Tokenizer) -> str:
+    """The shipped conversations as the model reads them: through its chat template, or as plain
+    text for a model without one (a base model)."""
+    chats = json.loads(CHATS.read_text())
+    if tokenizer.chat_template is None:
+        return "\n\n".join(m["content"] for chat in chats for m in chat["messages"] if m["content"])
+    render = tokenizer.chat_template.render
+    return "".join(render(c["messages"], tools=c.get("tools"), add_generation_prompt=False) for c in chats)
+
+
+def user_text(file: str | Path, flag: str = "calibration") -> str:
+    """The text of `--calibration FILE` (or another `flag`): UTF-8, not empty."""
+    path, said = Path(file).expanduser(), option(flag, file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConvertError(f"{said}: no such file") from None
+    except IsADirectoryError:
+        raise ConvertError(f"{said}: is a directory; give a UTF-8 text file") from None
+    except UnicodeDecodeError:
+        raise ConvertError(f"{said}: not UTF-8 text; give a UTF-8 text file") from None
+    except OSError as e:
+        raise ConvertError(f"{said}: cannot read ({e.strerror})") from None
+    if not text.strip():
+        raise ConvertError(f"{said}: the file is empty; give it some text in the model's domain")
+    return text
+
+
+def check_tokens(tokens: list[int], directory: Path, vocab_size: int) -> list[int]:
+    if tokens and max(tokens) >= vocab_size:
+        raise ConvertError(
+            f"{directory / 'tokenizer.json'}: token id {max(tokens)} is outside the model's vocabulary "
+            f"({vocab_size}); the tokenizer does not belong to this model"
+        )
+    return tokens
+
+
+def calibration_batch(directory: Path, vocab_size: int, file: str | Path | None = None) -> mx.array:
+    """The calibration text in the tokens of the checkpoint at `directory`, as up to
+    MAX_SEQUENCES sequences of SEQUENCE tokens [B, T] (one shorter sequence if the text is short)."""
+    tokenizer = Tokenizer.from_dir(directory)
+    tokens = check_tokens(tokenizer.encode(user_text(file) if file else shipped_text(tokenizer)), directory, vocab_size)
+    if len(tokens) < 2:
+        raise ConvertError(f"{option('calibration', file)}: too short; it needs at least a sentence")
+    length = min(SEQUENCE, len(tokens))
+    count = min(MAX_SEQUENCES, len(tokens) // length)
+    return mx.array(tokens[: count * length]).reshape(count, length)
+
 
 TEXT = """\
 The water cycle moves water between the oceans, the air and the land. Sunlight warms the surface \

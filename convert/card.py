@@ -11,6 +11,7 @@ from mlxqwen import __version__
 from mlxqwen.display import format_size
 
 from .quality import Quality
+from .recipes import Quant
 from .source import Source
 
 
@@ -23,6 +24,8 @@ def write_card(
     shards: int,
     bits_per_weight: float,
     quality: Quality | None,
+    sensitivity: dict[str, dict[Quant, float]] | None = None,
+    quants: dict[str, Quant] | None = None,
 ) -> None:
     data = ModelCardData(
         library_name="mlx",
@@ -55,6 +58,8 @@ def write_card(
             "|---|---|---|---|",
             f"| {quality.kl:.4f} | {quality.top1:.1%} | {quality.ppl_source:.3f} | {quality.ppl_converted:.3f} |",
         ]
+    if sensitivity:
+        lines += ["", *sensitivity_table(sensitivity, quants or {})]
     lines += [
         "",
         "## Use",
@@ -69,3 +74,26 @@ def write_card(
     ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     card.save(directory / "README.md")
+
+
+def sensitivity_table(
+    sensitivity: dict[str, dict[Quant, float]], quants: dict[str, Quant], rows: int = 40
+) -> list[str]:
+    """Markdown: the tensors that quantization costs the most, most sensitive first: the setting each
+    got and the KL (nats/token, estimated on the calibration text) it costs there and at 4-bit g64."""
+    reference = (4, 64)
+    order = sorted(sensitivity, key=lambda n: -max(sensitivity[n].get(reference, 0.0), sensitivity[n][quants[n]]))
+    lines = [
+        f"## Sensitivity ({min(rows, len(order))} most sensitive of {len(order)} tensors)",
+        "",
+        "| tensor | bits | group | KL at its setting | KL at 4-bit g64 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in order[:rows]:
+        bits, group = quants[name]
+        at_reference = sensitivity[name].get(reference)
+        lines.append(
+            f"| `{name.removesuffix('.weight')}` | {bits} | {group} | {sensitivity[name][quants[name]]:.2e} | "
+            + (f"{at_reference:.2e} |" if at_reference is not None else "- |")
+        )
+    return lines

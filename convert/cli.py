@@ -1,4 +1,5 @@
-"""`mlxqwen convert SRC [-o OUT] [options]` and `mlxqwen convert --batch FILE.toml`."""
+"""`mlxqwen convert SRC [-o OUT] [options]`, `mlxqwen convert --batch FILE.toml` and
+`mlxqwen eval MODEL --against SRC`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mlxqwen.errors import ConvertError
 
 from .api import FORMATS, convert
 from .batch import run_batch, summary_table
+from .evaluate import evaluate_models
 from .progress import make_progress
 
 
@@ -39,6 +41,24 @@ def register(subparsers) -> None:
                 group.add_argument(flag, dest=name, default=argparse.SUPPRESS, **spec.argparse_kwargs())
                 added.add(name)
     p.set_defaults(func=run, format_options=added)
+
+    e = subparsers.add_parser(
+        "eval",
+        help="compare a model with its source: KL divergence, top-1 agreement, perplexity",
+        description="The conversion's quality report for any two models (MLX or Hugging Face directories, "
+        "GGUF files, or names from mlxqwen list), on the report's held-out text or your own.",
+    )
+    e.add_argument("model", help="the model to measure (a conversion)")
+    e.add_argument("--against", required=True, metavar="SRC", help="the reference (the source it was made from)")
+    e.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: the report's built-in text)")
+    e.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    with make_progress(console(stderr=True)) as progress:
+        quality = evaluate_models(args.model, args.against, args.text, progress)
+    console().print(f"{args.model} against {args.against}: {quality.summary()}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,6 +68,9 @@ class OutputFormat(ABC):
     def label(self, options: dict[str, Any]) -> str:
         """The recipe in a word or two, for summaries (`4bit`, `Q4_K_M`)."""
 
+    def check(self, options: dict[str, Any]) -> None:  # noqa: B027 (most formats have nothing to check)
+        """One-line errors for options that cannot work together, before anything is read."""
+
     @abstractmethod
     def default_output(self, name: str, options: dict[str, Any]) -> str:
         """The output's name when none is given, from the source's name."""

@@ -22,10 +22,13 @@ from mlxqwen.backends import INSTALL_LLAMA, llama_cpp_installed
 from mlxqwen.errors import ConvertError, option
 
 from . import gguf_mapping as mapping
+from .calibration import calibration_batch, user_text
 from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
 from .progress import add_task, bytes_done
 from .reader import SourceCheckpoint
+from .recipes import quants_for
+from .sensitivity import importance
 from .source import Source
 
 Q = gguf.GGMLQuantizationType
@@ -59,11 +62,22 @@ def _write_rows(f: BinaryIO, value: mx.array, qtype: Q) -> None:
         gguf.quants.quantize(chunk, qtype).tofile(f)
 
 
-def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progress: Progress | None, mtp: bool) -> int:
+def _write_gguf(
+    source: Source,
+    out: Path,
+    matrix_type: Q,
+    file_type: FT,
+    progress: Progress | None,
+    mtp: bool,
+    importance: dict[str, mx.array] | None = None,
+) -> tuple[int, dict[str, np.ndarray]]:
     """Write the GGUF, with the MTP head where the checkpoint has one and `mtp` (as llama.cpp's
-    `nextn` tensors); returns the number of parameters in it. The vision tower is left out:
-    llama.cpp's Qwen architectures run the decoder alone."""
+    `nextn` tensors); returns the number of parameters in it, and `importance` (by our tensor
+    names) as llama.cpp's importance matrix (by its tensor names, in its column order). The
+    vision tower is left out: llama.cpp's Qwen architectures run the decoder alone."""
     checkpoint = SourceCheckpoint.open(source.path)
+    importance = importance or {}
+    imatrix: dict[str, np.ndarray] = {}
     cfg, config_file = checkpoint.cfg, str(source.path / "config.json")
     arch = mapping.llama_arch(cfg, config_file)
     weights, head, _ = checkpoint.tensors()
@@ -78,12 +92,14 @@ def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progre
     weights.update(mapping.mtp_to_llama(key, value, cfg) for key, value in head.items())
     del head
     plan: list[tuple[mx.array, Q, int]] = []
-    for key in list(weights):
-        key, value = mapping.to_llama(key, weights.pop(key), cfg)
+    for name in list(weights):
+        key, value = mapping.to_llama(name, weights.pop(name), cfg)
         # the nextn tensors are named already; TensorNameMap knows the rest
         tensor = key if key.startswith("blk.") else names.get_name(key, try_suffixes=(".weight", ".bias"))
         if tensor is None:
             raise ConvertError(f"{source.path}: tensor {key!r} has no counterpart in llama.cpp's {w.arch}")
+        if name in importance:
+            imatrix[tensor] = np.array(mapping.importance_to_llama(name, importance[name], cfg), dtype=np.float32)
         qtype = mapping.tensor_type(tensor, value.shape, matrix_type)
         nbytes = _nbytes(value.shape, qtype)
         w.add_tensor_info(tensor, value.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
@@ -107,16 +123,26 @@ def _write_gguf(source: Source, out: Path, matrix_type: Q, file_type: FT, progre
             done += nbytes
             if task is not None:
                 progress.update(task, completed=done, info=bytes_done(done, total))
-    return params
+    return params, imatrix
 
 
-def _llama_quantize(src: Path, out: Path, file_type: FT, progress: Progress | None) -> None:
+def _llama_quantize(src: Path, out: Path, file_type: FT, progress: Progress | None, imatrix: dict) -> None:
+    """llama.cpp's quantizer, given `imatrix` (tensor name -> importance of its input columns,
+    experts one after another) when there is one."""
     import llama_cpp  # checked to be installed before anything is written
 
     label = file_type.name.removeprefix("MOSTLY_")
     task = add_task(progress, f"quantize {label} (llama.cpp)", None) if progress is not None else None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(file_type)
+    # a NULL-named entry ends the array; `values` keeps the data alive during the call
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    values = [np.ascontiguousarray(v.reshape(-1), dtype=np.float32) for v in imatrix.values()]
+    for entry, name, value in zip(entries, imatrix, values, strict=False):
+        entry.name, entry.size = name.encode(), value.size
+        entry.data = value.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    if imatrix:
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     llama_log = logging.getLogger("llama-cpp-python")  # llama.cpp logs every tensor it quantizes
     level = llama_log.level
     llama_log.setLevel(logging.ERROR)
@@ -130,11 +156,25 @@ def _llama_quantize(src: Path, out: Path, file_type: FT, progress: Progress | No
         progress.update(task, total=1, completed=1)
 
 
+def _importance(source: Source, calibration: str | None, progress: Progress | None) -> dict[str, mx.array]:
+    """The importance of every matrix's input columns on the calibration text (llama.cpp's
+    importance matrix, by our tensor names): the same forward pass as an MLX budget's."""
+    checkpoint = SourceCheckpoint.open(source.path)
+    decoder, _, _ = checkpoint.tensors()
+    names = [name for name, value in decoder.items() if quants_for(name, value.shape)]
+    batch = calibration_batch(source.path, checkpoint.cfg.vocab_size, calibration)
+    return importance(checkpoint, batch, names, progress)
+
+
 class GgufFormat(OutputFormat):
     name = "gguf"
     options = {
         "quant": Option("GGUF tensor type (default Q8_0; Q4_K_M needs mlxqwen[llama])", "Q8_0", choices=tuple(QUANTS)),
         "no_mtp": Option("leave the multi-token-prediction head (mtp.*) out", False, switch=True),
+        "imatrix": Option(
+            "K-quants: weigh the rounding by an importance matrix measured on the calibration text", False, switch=True
+        ),
+        "calibration": Option("UTF-8 text to calibrate on (default: the built-in chats)", type=str),
     }
 
     def label(self, options: dict[str, Any]) -> str:
@@ -142,6 +182,16 @@ class GgufFormat(OutputFormat):
 
     def default_output(self, name: str, options: dict[str, Any]) -> str:
         return f"{name}-{options['quant']}.gguf"
+
+    def check(self, options: dict[str, Any]) -> None:
+        if options["imatrix"] and QUANTS[options["quant"]][2] is None:
+            said = option("imatrix")
+            raise ConvertError(f"{said}: only llama.cpp's K-quants use an importance matrix; add --quant Q4_K_M")
+        if options["calibration"] is not None:
+            if not options["imatrix"]:
+                said = option("calibration", options["calibration"])
+                raise ConvertError(f"{said}: calibrates an importance matrix; add {option('imatrix')}")
+            user_text(options["calibration"])
 
     def convert(
         self, source: Source, output: Path, options: dict[str, Any], *, force: bool, progress: Progress | None
@@ -155,12 +205,15 @@ class GgufFormat(OutputFormat):
             )
         with staged(output, force, source.path) as tmp:
             if requantize is None:
-                params = _write_gguf(source, tmp, matrix_type, file_type, progress, not options["no_mtp"])
+                params, _ = _write_gguf(source, tmp, matrix_type, file_type, progress, not options["no_mtp"])
             else:
+                importance = _importance(source, options["calibration"], progress) if options["imatrix"] else None
                 intermediate = tmp.with_name(f"{tmp.name}.{matrix_type.name}")
                 try:
-                    params = _write_gguf(source, intermediate, matrix_type, file_type, progress, not options["no_mtp"])
-                    _llama_quantize(intermediate, tmp, requantize, progress)
+                    params, imatrix = _write_gguf(
+                        source, intermediate, matrix_type, file_type, progress, not options["no_mtp"], importance
+                    )
+                    _llama_quantize(intermediate, tmp, requantize, progress, imatrix)
                 finally:
                     intermediate.unlink(missing_ok=True)
         size = output.stat().st_size  # tensors and the tokenizer (a few MB)

@@ -213,6 +213,14 @@ def to_llama(key: str, value: mx.array, cfg: ModelConfig) -> tuple[str, mx.array
     return key, value
 
 
+def importance_to_llama(key: str, importance: mx.array, cfg: ModelConfig) -> mx.array:
+    """The importance of the input columns of the matrix `key` ([in], or [experts, in]) in the
+    column order `to_llama` gives the matrix."""
+    if ".linear_attn.out_proj." in key and cfg.linear_num_value_heads != cfg.linear_num_key_heads:
+        importance = mx.take(importance, _tiled_v_heads(0, cfg, cfg.linear_value_head_dim), axis=-1)
+    return importance
+
+
 def mtp_layers(head: dict[str, mx.array]) -> int:
     """The decoder layers of an MTP head (its `mtp.layers.N.*` tensors)."""
     return len({k.split(".")[2] for k in head if k.startswith("mtp.layers.")})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,14 @@ from mlxqwen.errors import ConvertError, option
 from mlxqwen.loader import cast_weights, default_dtype
 from mlxqwen.models import build_model
 
+from . import budget, rounding
 from .card import write_card
 from .format import ConvertResult, Option, OutputFormat
 from .output import check_free_space, staged
 from .progress import add_task, bytes_done
 from .quality import calibration_tokens, evaluate
 from .reader import SourceCheckpoint
-from .recipes import DEFAULT_RECIPE, GROUP_SIZES, RECIPES
+from .recipes import DEFAULT_RECIPE, GROUP_SIZES, RECIPES, Quant, quantized_bytes
 from .shards import ShardWriter
 from .source import Source
 
@@ -66,8 +68,23 @@ _TOP_LEVEL = (
 class MlxFormat(OutputFormat):
     name = "mlx"
     options = {
-        "recipe": Option(f"quantization recipe (default {DEFAULT_RECIPE})", DEFAULT_RECIPE, choices=tuple(RECIPES)),
-        "group_size": Option("quantization group size (default 64)", 64, int, GROUP_SIZES),
+        "recipe": Option(f"quantization recipe (default {DEFAULT_RECIPE})", choices=tuple(RECIPES)),
+        "group_size": Option("quantization group size (default 64)", type=int, choices=GROUP_SIZES),
+        "target_bpw": Option(
+            "instead of a recipe: fill this many bits per weight (e.g. 4.5), bits and group size chosen per tensor "
+            "from the KL each costs on calibration text",
+            type=float,
+        ),
+        "fit": Option("instead of a recipe: the most bits that fit this memory (e.g. 16GB) at --context", type=str),
+        "context": Option("context --fit must leave room for, tokens (default 32768)", 32768, int),
+        "calibration": Option("UTF-8 text to calibrate on (default: the built-in chats)", type=str),
+        "seed": Option("seed of the calibration's random draws (default 0)", 0, int),
+        "rounding": Option(
+            "with a budget: scales fitted to the calibration's activations, or plain round-to-nearest "
+            "(default activation)",
+            "activation",
+            choices=("activation", "nearest"),
+        ),
         "dtype": Option("dtype of the unquantized tensors (default: the source's)", choices=DTYPES),
         "vision": Option("copy the vision tower, unquantized (dropped by default)", False, switch=True),
         "shard_size": Option("largest output shard, GB (default 5)", 5.0, float),
@@ -75,8 +92,17 @@ class MlxFormat(OutputFormat):
     }
 
     def label(self, options: dict[str, Any]) -> str:
-        recipe, group_size = options["recipe"], options["group_size"]
+        if options["target_bpw"] is not None:
+            return f"{options['target_bpw']:g}bpw"
+        if options["fit"] is not None:
+            return f"fit{options['fit'].replace(' ', '')}"
+        recipe, group_size = options["recipe"] or DEFAULT_RECIPE, options["group_size"] or 64
         return recipe if group_size == 64 or recipe == "none" else f"{recipe}-g{group_size}"
+
+    def check(self, options: dict[str, Any]) -> None:
+        if options["shard_size"] <= 0:
+            raise ConvertError(f"{option('shard_size', options['shard_size'])}: must be a positive number of GB")
+        budget.check(options)
 
     def default_output(self, name: str, options: dict[str, Any]) -> str:
         return f"{name}-{self.label(options)}"
@@ -85,10 +111,9 @@ class MlxFormat(OutputFormat):
         self, source: Source, output: Path, options: dict[str, Any], *, force: bool, progress: Progress | None
     ) -> ConvertResult:
         start = time.perf_counter()
-        recipe, group_size, vision = options["recipe"], options["group_size"], options["vision"]
-        if options["shard_size"] <= 0:
-            raise ConvertError(f"{option('shard_size', options['shard_size'])}: must be a positive number of GB")
-        plan = RECIPES[recipe]
+        recipe, group_size = options["recipe"] or DEFAULT_RECIPE, options["group_size"] or 64
+        vision = options["vision"]
+        budgeted = options["target_bpw"] is not None or options["fit"] is not None
         checkpoint = SourceCheckpoint.open(source.path)
         if checkpoint.cfg.mlx_quantization:
             raise ConvertError(
@@ -99,28 +124,42 @@ class MlxFormat(OutputFormat):
         tokens = calibration_tokens(source.path, checkpoint.cfg.vocab_size) if options["eval"] else []
         out_dtype = getattr(mx, options["dtype"] or _source_dtype(checkpoint.cfg))
         decoder, mtp, vision_tower = checkpoint.tensors()
-        shapes = {name: v.shape for name, v in {**decoder, **mtp}.items()}
-        bits = tensor_bits(shapes, checkpoint.cfg, recipe, group_size)
+        sensitivity, importance = None, {}
+        if budgeted:
+            quants, sensitivity, importance = budget.plan(checkpoint, decoder, mtp, options, out_dtype, progress)
+            if options["rounding"] == "nearest":
+                importance = {}
+            default = Counter(quants.values()).most_common(1)[0][0]
+        else:
+            shapes = {name: v.shape for name, v in {**decoder, **mtp}.items()}
+            quants = {
+                n: (b, group_size) for n, b in tensor_bits(shapes, checkpoint.cfg, recipe, group_size).items() if b
+            }
+            default = (RECIPES[recipe].bits, group_size)
         tensors = {**decoder, **mtp, **(vision_tower if vision else {})}
         del decoder, mtp, vision_tower  # the loop below must hold the only reference to each tensor
         tensors = cast_weights(tensors, out_dtype)
-        quantization = {"group_size": group_size, "bits": plan.bits, "mode": "affine"}
-        for name, b in bits.items():
-            if b and b != plan.bits:
-                quantization[name.removesuffix(".weight")] = {"group_size": group_size, "bits": b, "mode": "affine"}
+        quantization = {"group_size": default[1], "bits": default[0], "mode": "affine"}
+        for name, q in quants.items():
+            if q != default:
+                quantization[name.removesuffix(".weight")] = {"group_size": q[1], "bits": q[0], "mode": "affine"}
 
         with staged(output, force, source.path) as tmp:
             tmp.mkdir()
-            check_free_space(tmp.parent, _output_bytes(tensors, bits, group_size))
+            check_free_space(tmp.parent, _output_bytes(tensors, quants))
             writer = ShardWriter(tmp, int(options["shard_size"] * 2**30))
             total = sum(v.nbytes for v in tensors.values())
             task = add_task(progress, f"convert {source.name}", total) if progress is not None else None
             params = done = 0
             for name in list(tensors):
                 value = tensors.pop(name)
-                if bits.get(name):
+                if name in quants:
                     path = name.removesuffix(".weight")
-                    packed = mx.quantize(value, group_size, bits[name])
+                    bits, group = quants[name]
+                    if name in importance:
+                        packed = rounding.quantize(value, importance.pop(name), group, bits)
+                    else:
+                        packed = mx.quantize(value, group, bits)
                     arrays = dict(zip((f"{path}.weight", f"{path}.scales", f"{path}.biases"), packed, strict=True))
                 else:
                     arrays = {name: value}
@@ -132,16 +171,29 @@ class MlxFormat(OutputFormat):
                 if task is not None:
                     progress.update(task, completed=done, info=bytes_done(done, total))
             files = writer.finish()
-            config = output_config(checkpoint.raw, quantization if plan.bits else None, vision, out_dtype)
+            config = output_config(checkpoint.raw, quantization if quants else None, vision, out_dtype)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _copy_files(source.path, tmp, vision)
             bits_per_weight = writer.total_bytes * 8 / params
             quality = evaluate(checkpoint, tmp, tokens, progress) if options["eval"] else None
-            description = f"`{self.label(options)}`: {plan.description}"
-            if plan.bits:
-                description += f", group size {group_size}"
+            if budgeted:
+                description = f"`{self.label(options)}`: bits and group size per tensor, chosen by measured sensitivity"
+            else:
+                description = f"`{self.label(options)}`: {RECIPES[recipe].description}"
+                description += f", group size {group_size}" if quants else ""
             description += f"; unquantized tensors in {_dtype_name(out_dtype)}"
-            write_card(tmp, output.name, source, description, writer.total_bytes, len(files), bits_per_weight, quality)
+            write_card(
+                tmp,
+                output.name,
+                source,
+                description,
+                writer.total_bytes,
+                len(files),
+                bits_per_weight,
+                quality,
+                sensitivity,
+                quants,
+            )
         return ConvertResult(
             output=output,
             recipe=self.label(options),
@@ -188,14 +240,8 @@ def _source_dtype(cfg: ModelConfig) -> str:
     return cfg.dtype if cfg.dtype in DTYPES else "bfloat16"
 
 
-def _output_bytes(tensors: dict[str, mx.array], bits: dict[str, int], group_size: int) -> int:
-    total = 0
-    for name, value in tensors.items():
-        if bits.get(name):
-            total += value.size * bits[name] // 8 + 2 * (value.size // group_size) * value.itemsize
-        else:
-            total += value.nbytes
-    return total
+def _output_bytes(tensors: dict[str, mx.array], quants: dict[str, Quant]) -> int:
+    return sum(quantized_bytes(v.shape, quants[n], v.itemsize) if n in quants else v.nbytes for n, v in tensors.items())
 
 
 def output_config(raw: dict[str, Any], quantization: dict | None, vision: bool, dtype: mx.Dtype) -> dict[str, Any]:

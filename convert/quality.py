@@ -18,12 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from rich.progress import Progress
 
-from mlxqwen.errors import ConvertError
 from mlxqwen.loader import cast_weights, default_dtype, load_model
 from mlxqwen.models import build_model
 from mlxqwen.tokenizer import Tokenizer
 
-from .calibration import TEXT
+from .calibration import TEXT, check_tokens
 from .progress import add_task
 from .reader import SourceCheckpoint
 
@@ -44,25 +43,19 @@ class Quality:
 
 
 def calibration_tokens(directory: Path, vocab_size: int) -> list[int]:
-    """The calibration text in the tokens of the checkpoint at `directory`."""
-    tokens = Tokenizer.from_dir(directory).encode(TEXT)
-    if max(tokens) >= vocab_size:
-        raise ConvertError(
-            f"{directory / 'tokenizer.json'}: token id {max(tokens)} is outside the model's vocabulary "
-            f"({vocab_size}); the tokenizer does not belong to this model"
-        )
-    return tokens
+    """The report's held-out text in the tokens of the checkpoint at `directory`."""
+    return check_tokens(Tokenizer.from_dir(directory).encode(TEXT), directory, vocab_size)
 
 
 def evaluate(source: SourceCheckpoint, converted: Path, tokens: list[int], progress: Progress | None = None) -> Quality:
     dtype = default_dtype()
-    reference = layerwise_logits(_source_model(source, dtype), tokens, progress, "eval: source")
+    reference = layerwise_logits(source_model(source, dtype), tokens, progress, "eval: source")
     model, _ = load_model(converted, dtype=dtype, lazy=True)
     logits = layerwise_logits(model, tokens, progress, "eval: converted")
     return compare(reference, logits, tokens)
 
 
-def _source_model(source: SourceCheckpoint, dtype: mx.Dtype) -> nn.Module:
+def source_model(source: SourceCheckpoint, dtype: mx.Dtype) -> nn.Module:
     """The source model with lazy weights (FP8 dequantized), nothing read yet."""
     decoder, _, _ = source.tensors()
     model = build_model(source.cfg)

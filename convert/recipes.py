@@ -18,11 +18,14 @@ first and last eighth of the layers and every third layer between them.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+Quant = tuple[int, int]  # (bits, group size)
+QUANTS: tuple[Quant, ...] = tuple((b, g) for b in BITS for g in GROUP_SIZES)
 
 _KEEP = (".mlp.gate", ".shared_expert_gate", ".in_proj_a", ".in_proj_b", ".conv1d")
 _ALWAYS_HIGH = ("embed_tokens", "lm_head")
@@ -47,12 +50,17 @@ class Recipe:
 
     def bits_for(self, name: str, shape: tuple[int, ...], group_size: int, num_layers: int) -> int:
         """Bits for the tensor `name` (a `.weight`), or 0 to leave it unquantized."""
-        path = name.removesuffix(".weight")
-        if not self.bits or path == name or len(shape) < 2 or shape[-1] % group_size or path.endswith(_KEEP):
+        if not self.bits or not quantizable(name, shape, group_size):
             return 0
-        if self.high_bits and _sensitive(path, num_layers):
+        if self.high_bits and _sensitive(name.removesuffix(".weight"), num_layers):
             return self.high_bits
         return self.bits
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether the tensor `name` may be quantized with `group_size` (see the module's docstring)."""
+    path = name.removesuffix(".weight")
+    return path != name and len(shape) >= 2 and shape[-1] % group_size == 0 and not path.endswith(_KEEP)
 
 
 def _sensitive(path: str, num_layers: int) -> bool:
@@ -72,3 +80,14 @@ RECIPES: dict[str, Recipe] = {
     **{f"mixed_{lo}_{hi}": Recipe(f"mixed_{lo}_{hi}", lo, hi) for lo, hi in ((2, 6), (3, 6), (4, 6), (4, 8))},
 }
 DEFAULT_RECIPE = "4bit"
+
+
+def quants_for(name: str, shape: tuple[int, ...]) -> list[Quant]:
+    """The settings the tensor `name` may take (empty: it stays unquantized)."""
+    return [q for q in QUANTS if quantizable(name, shape, q[1])]
+
+
+def quantized_bytes(shape: tuple[int, ...], quant: Quant, itemsize: int) -> int:
+    """Bytes of mx.quantize's output: packed weights, then a scale and a bias per group."""
+    size, (bits, group) = math.prod(shape), quant
+    return size * bits // 8 + 2 * (size // group) * itemsize

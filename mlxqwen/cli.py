@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "generate": "mlxqwen.generate_cli",
     "fit": "mlxqwen.generate_cli",
     "convert": "mlxqwen.convert.cli",
+    "eval": "mlxqwen.convert.cli",
     "pull": "mlxqwen.library_cli",
     "list": "mlxqwen.library_cli",
     "rm": "mlxqwen.library_cli",

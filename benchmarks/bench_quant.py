@@ -1,0 +1,225 @@
+"""Quantization quality at equal bits per weight: KL to the source, top-1 agreement and perplexity on
+held-out text (the quality report's text, never calibrated on), for
+
+- uniform 4-bit, group 64 (`mlxqwen convert --recipe 4bit`): the reference budget B (its bits per
+  weight, counted as mlx-lm counts them);
+- ours at B (`--target-bpw B`), with plain round-to-nearest and with activation-aware rounding;
+- mlx-lm's dynamic_quant at B (3-bit and 5-bit, group 64, split by its own sensitivities), GPTQ and
+  AWQ (4-bit, group 64: B), all calibrated on the same text as ours (mlxqwen's shipped chats);
+- GGUF Q4_K_M (llama.cpp's quantizer), without and with our importance matrix (`--imatrix`), when
+  llama-cpp-python is installed.
+
+Models (built here, random weights moved off their initial values by `tests/checkpoints.py`):
+- `random`: Qwen3-shaped, hidden 128, 4 layers, 2 heads of 64, intermediate 384, a byte-level BPE
+  of 480 tokens (trained on the report's text, with Qwen's pre-tokenizer);
+- `outliers`: the same with the massive-activation channels real LLMs have, injected: in 4 of the
+  128 hidden channels the embedding columns are scaled by 20 and every RMSNorm weight by 10, so
+  those channels of the residual stream and of every projection's input are 10-200x the others;
+- `gguf`: GGUF rows only, on a Qwen3 of the shape the GGUF tests run (hidden 256, intermediate 512,
+  4 heads of 16, Qwen's own tokenizer, vocabulary 151936): llama-cpp-python 0.3.36 crashes
+  (segfault in llama_decode) on quantized GGUFs of the two models above, while their F32 GGUFs run.
+
+    nice -n 10 python benchmarks/bench_quant.py [--workdir DIR] [--models random,outliers,gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from checkpoints import TOKENIZER_DIR as QWEN_TOKENIZER  # noqa: E402
+from checkpoints import build_reference, save_checkpoint  # noqa: E402
+from common import print_table  # noqa: E402
+from mlxqwen.convert import convert  # noqa: E402
+from mlxqwen.convert.calibration import TEXT, calibration_batch  # noqa: E402
+from mlxqwen.convert.quality import Quality, compare  # noqa: E402
+from test_convert import small_tokenizer  # noqa: E402
+
+import mlxqwen  # noqa: E402
+from mlxqwen.tokenizer import Tokenizer  # noqa: E402
+
+DIMS = dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+OUTLIER_CHANNELS = 4
+
+
+def build(kind: str, path: Path) -> Path:
+    if kind == "gguf":
+        return save_checkpoint(
+            build_reference("qwen3", vocab_size=151936, hidden_size=256, intermediate_size=512), path
+        )
+    ref = build_reference("qwen3", **DIMS)
+    if kind == "outliers":
+        import torch
+
+        channels = torch.randperm(DIMS["hidden_size"], generator=torch.Generator().manual_seed(0))[:OUTLIER_CHANNELS]
+        with torch.no_grad():
+            ref.model.embed_tokens.weight[:, channels] *= 20
+            for name, param in ref.named_parameters():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    param[channels] *= 10
+    src = save_checkpoint(ref, path)
+    small_tokenizer(src)
+    # Qwen's pre-tokenizer, so that llama.cpp recognises the tokenizer (GGUF rows)
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = json.loads((QWEN_TOKENIZER / "tokenizer.json").read_text())["pre_tokenizer"]
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return src
+
+
+def logits_of(model: nn.Module, tokens: list[int]) -> mx.array:
+    logits = model(mx.array([tokens]))[0].astype(mx.float32)
+    mx.eval(logits)
+    return logits
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    from mlx_lm.utils import compute_bits_per_weight
+
+    return compute_bits_per_weight(model)
+
+
+def mlx_lm_methods(src: Path, target: float, data: mx.array) -> dict[str, tuple[nn.Module | None, str]]:
+    """mlx-lm's learned quantizations of `src` (bf16), or why one did not run."""
+    import copy
+
+    from mlx_lm import load
+    from mlx_lm.quant import awq, dynamic_quant, gptq
+    from mlx_lm.utils import quantize_model
+
+    def fresh():
+        model, _, config = load(str(src), return_config=True)
+        model.set_dtype(mx.bfloat16)
+        return model, config
+
+    out: dict[str, tuple[nn.Module | None, str]] = {}
+    try:
+        model, config = fresh()
+        sensitivities = dict(dynamic_quant.estimate_sensitivities(model, data, 3, 64, 5, 64))
+        threshold = dynamic_quant.estimate_threshold(model, sensitivities, target, 3, 64, 5, 64)
+
+        def predicate(path, module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            return {"bits": 5, "group_size": 64} if sensitivities[path] > threshold else True
+
+        quantized, _ = quantize_model(copy.deepcopy(model), config, 64, 3, quant_predicate=predicate)
+        out["mlx-lm dynamic_quant (3/5-bit g64)"] = (quantized, "")
+    except Exception as e:  # a method that does not run on the architecture is reported, not fatal
+        out["mlx-lm dynamic_quant (3/5-bit g64)"] = (None, f"{type(e).__name__}: {e}")
+    try:
+        model, _ = fresh()
+        quantized, _ = gptq.gptq_quantize(model, data, 4, 64, 4, 64)
+        out["mlx-lm GPTQ 4-bit g64"] = (quantized, "")
+    except Exception as e:
+        out["mlx-lm GPTQ 4-bit g64"] = (None, f"{type(e).__name__}: {e}")
+    try:
+        model, _ = fresh()
+        awq.awq_quantize(model, data, awq.AWQ_MODEL_CONFIGS["qwen3"], 64, 4, embed_group_size=64, embed_bits=4)
+        out["mlx-lm AWQ 4-bit g64"] = (model, "")
+    except Exception as e:
+        out["mlx-lm AWQ 4-bit g64"] = (None, f"{type(e).__name__}: {e}")
+    out["mlx-lm DWQ"] = (None, "not run: it distils scales by training against the source (many optimizer steps)")
+    return out
+
+
+def gguf_rows(src: Path, work: Path, tokens: list[int], reference: mx.array) -> list[list]:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return [["GGUF Q4_K_M", "-", "-", "-", "-", "not run: llama-cpp-python is not installed"]]
+
+    from mlxqwen.convert.evaluate import gguf_logits
+
+    rows = []
+    for name, options in (("GGUF Q4_K_M", {}), ("GGUF Q4_K_M + our imatrix", {"imatrix": True})):
+        out = work / f"{name.replace(' ', '_').replace('+', '')}.gguf"
+        start = time.perf_counter()
+        result = convert(src, out, to="gguf", quant="Q4_K_M", **options)
+        seconds = time.perf_counter() - start
+        q = compare(reference, gguf_logits(out, tokens), tokens)
+        rows.append([name, f"{result.bits_per_weight:.3f}", *_cells(q), f"{seconds:.0f} s"])
+    return rows
+
+
+def _cells(q: Quality) -> list[str]:
+    return [f"{q.kl:.5f}", f"{q.top1:.1%}", f"{q.ppl_converted:.2f}"]
+
+
+def run(kind: str, work: Path) -> tuple[list[list], dict]:
+    src = build(kind, work / f"{kind}-hf")
+    tokens = Tokenizer.from_dir(src).encode(TEXT)  # held out: calibration uses the shipped chats
+    source = mlxqwen.load(src, dtype=mx.float32).model
+    reference = logits_of(source, tokens)
+    rows, results = [], {}
+
+    def add(name: str, model: nn.Module, bpw: float, seconds: float) -> None:
+        model.set_dtype(mx.float32)
+        q = compare(reference, logits_of(model, tokens), tokens)
+        results[name] = {"bpw": bpw, "kl": q.kl, "top1": q.top1, "ppl": q.ppl_converted, "seconds": seconds}
+        rows.append([name, f"{bpw:.3f}", *_cells(q), f"{seconds:.0f} s"])
+
+    if kind == "gguf":
+        for row in gguf_rows(src, work, tokens, reference):
+            rows.append(row)
+            results[row[0]] = row[1:5]
+        return [[f"{kind} (source ppl {_ppl(reference, tokens):.2f})", "", "", "", "", ""], *rows], results
+
+    from mlx_lm import load as mlx_lm_load
+
+    start = time.perf_counter()
+    convert(src, work / f"{kind}-4bit", recipe="4bit", dtype="bfloat16")
+    uniform = mlx_lm_load(str(work / f"{kind}-4bit"))[0]
+    target = bits_per_weight(uniform)
+    add("uniform 4-bit g64", uniform, target, time.perf_counter() - start)
+    for rounding in ("nearest", "activation"):
+        start = time.perf_counter()
+        out = work / f"{kind}-{rounding}"
+        convert(src, out, target_bpw=round(target - 5e-4, 3), dtype="bfloat16", rounding=rounding)
+        model = mlx_lm_load(str(out))[0]
+        add(f"ours --target-bpw, {rounding} rounding", model, bits_per_weight(model), time.perf_counter() - start)
+
+    data = calibration_batch(src, 512)
+    for name, (model, why) in mlx_lm_methods(src, target, data).items():
+        if model is None:
+            rows.append([name, "-", "-", "-", "-", why])
+        else:
+            add(name, model, bits_per_weight(model), 0.0)
+    results["source perplexity"] = _ppl(reference, tokens)
+    return [[f"{kind} (source ppl {_ppl(reference, tokens):.2f})", "", "", "", "", ""], *rows], results
+
+
+def _ppl(reference: mx.array, tokens: list[int]) -> float:
+    return compare(reference, reference, tokens).ppl_source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--models", default="random,outliers,gguf")
+    parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_quant-", dir=args.workdir))
+    rows, results = [], {}
+    try:
+        for kind in args.models.split(","):
+            kind_rows, results[kind] = run(kind, work)
+            rows += kind_rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    columns = ["method", "bits/weight", "KL (nats/token)", "top-1", "perplexity", "note / time"]
+    print_table("Quantization at equal bits per weight (held-out text)", columns, rows)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
