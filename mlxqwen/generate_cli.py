@@ -14,6 +14,7 @@ from rich.table import Table
 from .backends import BACKENDS
 from .cli import console, error, note
 from .display import format_size, format_stats
+from .distributed import PARALLEL
 from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
 BACKEND_HELP = "mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights"
@@ -62,13 +63,19 @@ def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--
         "(optionally with original_max_position_embeddings, the trained context)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default="pipeline",
+        help="under mlx.launch, split the model across its processes by layers (pipeline) or within layers (tensor)",
+    )
     if mtp:
         parser.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of `mlxqwen.load` that the options of `add_context_options` give."""
-    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
+    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits, parallel=args.parallel)
     return {**options, "rope_scaling": args.rope_scaling, "mtp": False if args.no_mtp else "auto"}
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import memory
+from .. import distributed, memory
 from ..cache import KVBatch, KVCache, LinearAttentionCache, QuantizedKVCache
 from ..checkpoint import has_weights, read_json
 from ..config import ModelConfig, Yarn, parse_yarn
@@ -298,6 +298,31 @@ class MLXRuntime(Runtime):
         self._batch, self._batch_caches = [], []
 
 
+class DistributedRuntime(MLXRuntime):
+    """One rank of a model split across processes (`mlxqwen.distributed`). Every rank makes the same
+    calls; each step is evaluated here, under the placement's watchdog, and its logits are the same
+    on every rank. No MTP head: the head would need its own split."""
+
+    def __init__(self, *args, placement: distributed.Placement, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.placement = placement
+        self.identity["rank"] = f"{placement.parallel} {placement.rank}/{placement.size}"
+
+    def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        if seq in self._batch:
+            self._unbatch()
+        hidden = self.model.hidden(mx.array([tokens]), cache=seq.caches)
+        self.placement.evaluate([hidden] + [c.state for c in seq.caches], "reading the prompt")
+        mx.clear_cache()
+        seq.length += len(tokens)
+
+    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        hidden = self.model.hidden(tokens[:, None], cache=self._caches(seqs))
+        for seq in seqs:
+            seq.length += 1
+        return self.placement.evaluate(self.placement.logits(self.model, hidden[:, -1]), "decoding")
+
+
 def _arrays(state: tuple) -> list[mx.array]:
     """The arrays of one layer's snapshot (K/V: keys then values, each possibly quantized parts)."""
     out = []
@@ -336,20 +361,31 @@ def load(
     check_memory: bool = True,
     rope_scaling: dict[str, Any] | None = None,
     mtp: bool | str | Path = "auto",
+    parallel: str = "pipeline",
 ) -> MLXRuntime:
-    """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp)
+    """A model directory on MLX; see `mlxqwen.load`. Inside `mlx.launch` with several processes,
+    this process's part of it (`parallel`: "pipeline" or "tensor", see `mlxqwen.distributed`)."""
+    dtype = dtype or default_dtype()
+    placement = distributed.placement(parallel, dtype)
+    model, config = load_model(
+        path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp if placement is None else False,
+        placement=placement,
+    )  # fmt: skip
     generation_config = read_json(path / "generation_config.json")
     tokenizer = Tokenizer.from_dir(path, generation_config)
-    dtype = dtype or default_dtype()
-    plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+    held = config if placement is None else placement.rank_config(config)
+    plan = model_sizing(model, held, dtype=dtype, kv_bits=kv_bits)
     max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
-    if not lazy:
+    if not lazy or placement is not None:  # a rank reads its part now, as its peers do
         mx.eval(model.parameters())
     defaults = GenerationOptions(**recommended_sampling(generation_config))
     # the requests running together share the K/V that the longest conversation that fits would hold
     capacity = max(memory.largest_context(plan), max_context) if check_memory else 1 << 40
-    return MLXRuntime(model, tokenizer, config, path, defaults, max_context, capacity, dtype, kv_bits)
+    args = (model, tokenizer, config, path, defaults)
+    if placement is None:
+        return MLXRuntime(*args, max_context, capacity, dtype, kv_bits)
+    max_context, capacity = placement.agree([max_context, capacity])  # every rank schedules alike
+    return DistributedRuntime(*args, max_context, capacity, dtype, kv_bits, placement=placement)
 
 
 def model_sizing(

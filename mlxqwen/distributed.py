@@ -1,0 +1,365 @@
+"""One model across several processes (several Macs), with MLX's distributed backend.
+
+Started by MLX's launcher (`mlx.launch --hosts a,b -- $(which mlxqwen) generate MODEL ...`), every
+process (rank) loads its part of the model and runs the same engine steps on the same requests:
+- pipeline parallelism: each rank holds a contiguous run of layers, about its share of the memory
+  of all ranks (`split`); the first also holds the embeddings, the last the final norm and the
+  head. A step's activations go from rank to rank (`mx.distributed.send` / `recv`) and the last
+  rank's logits are shared with all (`all_sum`, the others adding zeros), so every rank draws the
+  same tokens;
+- tensor parallelism: every rank holds all layers with a share of their attention heads, MLP
+  columns, Gated DeltaNet heads and experts' columns; the partial outputs are summed across ranks
+  (`all_sum`, MLX's sharded linear layers), so every rank computes the same logits.
+Each rank reads only the tensors of its part (the checkpoint's tensors are loaded lazily). Sampling
+seeds are the same on every rank. A rank that stops ends the run on every rank: a step's collective
+that fails or waits past `MLXQWEN_DISTRIBUTED_TIMEOUT` seconds (default 60) ends this process with
+one line, and the launcher ends the others."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
+
+from .config import ModelConfig
+from .errors import ModelLoadError
+
+PARALLEL = ("pipeline", "tensor")
+TIMEOUT_ENV = "MLXQWEN_DISTRIBUTED_TIMEOUT"
+
+
+def launched() -> bool:
+    """Whether MLX's launcher started this process (it sets MLX_RANK)."""
+    return "MLX_RANK" in os.environ
+
+
+@cache
+def group() -> mx.distributed.Group | None:
+    """The processes `mlx.launch` started, or None for a process alone. The first call agrees on a
+    seed for Python's and MLX's random numbers, so unseeded sampling draws alike on every rank."""
+    if not launched():
+        return None
+    g = mx.distributed.init()
+    if g.size() == 1:
+        return None
+    seed = mx.distributed.all_sum(mx.array(random.getrandbits(31) if g.rank() == 0 else 0), group=g).item()
+    random.seed(seed)
+    mx.random.seed(seed)
+    return g
+
+
+def rank() -> int:
+    g = group()
+    return g.rank() if g is not None else 0
+
+
+@contextlib.contextmanager
+def quiet_followers() -> Iterator[None]:
+    """Rank 0 alone talks to the user: the others' output is dropped while this runs (an error
+    that ends the block is still reported by the caller, once it is left)."""
+    if rank() == 0:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def split(costs: list[int], memories: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of `costs` (bytes per item, in order), one per rank, each about the rank's
+    share of `memories`; every run holds at least one item."""
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    bounds = [0]
+    for r in range(1, len(memories)):
+        target = prefix[-1] * sum(memories[:r]) / sum(memories)
+        lowest, highest = bounds[-1] + 1, len(costs) - (len(memories) - r)
+        bounds.append(min(range(lowest, highest + 1), key=lambda b: abs(prefix[b] - target)))
+    bounds.append(len(costs))
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def layer_costs(model: nn.Module) -> list[int]:
+    """Bytes of what a pipeline splits, in order: the embeddings, each layer, the final norm and head
+    (a tied head is the embeddings again)."""
+    from .memory import weight_bytes
+
+    inner, outer = _decoder(model)
+    embed = weight_bytes(inner.embed_tokens)
+    head = weight_bytes(inner.norm) + (weight_bytes(outer.lm_head) if "lm_head" in outer else embed)
+    return [embed, *(weight_bytes(layer) for layer in inner.layers), head]
+
+
+def pipeline_layers(costs: list[int], memories: list[int]) -> list[tuple[int, int]]:
+    """Each rank's layers [start, end) for `layer_costs` and each rank's memory: the embeddings
+    count with the first layer, the head with the last."""
+    layers = costs[1:-1]
+    if len(layers) < len(memories):
+        raise ModelLoadError(f"a pipeline over {len(memories)} ranks needs as many layers, not {len(layers)}")
+    layers[0] += costs[0]
+    layers[-1] += costs[-1]
+    return split(layers, memories)
+
+
+def _decoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack (`QwenModel`) and the causal LM that holds it and the head."""
+    outer = model.language_model if "language_model" in model else model
+    return outer.model, outer
+
+
+class Placement:
+    """This rank's part of the model and how its steps meet the other ranks'."""
+
+    parallel: str
+
+    def __init__(self, g: mx.distributed.Group):
+        self.group = g
+        self.rank, self.size = g.rank(), g.size()
+        self.timeout = float(os.environ.get(TIMEOUT_ENV, 60))
+        self._since: float | None = None  # when the step being evaluated began
+        self._what = ""
+        threading.Thread(target=self._watch, name="mlxqwen-watchdog", daemon=True).start()
+
+    def select(self, model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The checkpoint's (sanitized) tensors this rank holds; the model is cut to them."""
+        return weights
+
+    def shard(self, model: nn.Module) -> None:
+        """Split the loaded (unfused) weights; the part of this rank stays."""
+
+    def rank_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config of what this rank holds, for its memory estimate."""
+        return cfg
+
+    def logits(self, model: nn.Module, hidden: mx.array) -> mx.array:
+        """The logits for the model's output `hidden`, the same on every rank."""
+        return model.head(hidden)
+
+    def agree(self, values: list[int]) -> list[int]:
+        """The least of each value over all ranks (limits every rank must share)."""
+        gathered = mx.distributed.all_gather(mx.array([values], dtype=mx.int64), group=self.group)
+        return [int(v) for v in self.evaluate(gathered, "agreeing on limits").min(axis=0).tolist()]
+
+    def evaluate(self, arrays, what: str):
+        """Evaluate a step (which meets the other ranks); a peer lost or a wait past the timeout ends
+        this process with one line."""
+        self._since, self._what = time.monotonic(), what
+        try:
+            mx.eval(arrays)
+        except RuntimeError as e:
+            self._end(f"{what}, the connection to {self._peers()} was lost ({e})")
+        finally:
+            self._since = None
+        return arrays
+
+    def _peers(self) -> str:
+        if self.size == 2:
+            return f"rank {1 - self.rank}"
+        return f"rank {(self.rank - 1) % self.size} or {(self.rank + 1) % self.size}"
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout:
+                self._end(f"{self._what}, {self._peers()} did not answer in {self.timeout:g} s")
+
+    def _end(self, why: str) -> None:
+        line = f"mlxqwen: rank {self.rank} of {self.size}: {why}; it stopped or cannot be reached: ending the run\n"
+        os.write(sys.__stderr__.fileno(), line.encode())
+        os._exit(1)
+
+
+class Pipeline(Placement):
+    parallel = "pipeline"
+
+    def __init__(self, g: mx.distributed.Group, dtype: mx.Dtype):
+        super().__init__(g)
+        self.dtype = dtype
+        self.start = self.end = 0
+        self.runs: list[tuple[int, int]] = []
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def select(self, model: nn.Module, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        from .memory import memory_budget
+
+        inner, outer = _decoder(model)
+        memories = self.agree_all(memory_budget())
+        self.runs = pipeline_layers(layer_costs(model), memories)
+        self.start, self.end = self.runs[self.rank]
+        prefix = next(path for path, m in model.named_modules() if m is inner) + "."
+        tied = "lm_head" not in outer
+        kept = {}
+        for key, value in weights.items():
+            if key.startswith(prefix + "layers."):
+                index, rest = key[len(prefix + "layers.") :].split(".", 1)
+                if self.start <= int(index) < self.end:
+                    kept[f"{prefix}layers.{int(index) - self.start}.{rest}"] = value
+            elif key.startswith(prefix + "embed_tokens."):
+                if self.first or (self.last and tied):
+                    kept[key] = value
+            elif self.last:  # the final norm and the head
+                kept[key] = value
+        inner.layers = inner.layers[self.start : self.end]
+        if not (self.first or (self.last and tied)):
+            del inner.embed_tokens
+        if not self.last:
+            del inner.norm
+            if not tied:
+                del outer.lm_head
+        inner.pipeline = self
+        return kept
+
+    def agree_all(self, value: int) -> list[int]:
+        gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
+        return [int(v) for v in self.evaluate(gathered, "sharing memory sizes").tolist()]
+
+    def rank_config(self, cfg: ModelConfig) -> ModelConfig:
+        return replace(cfg, num_hidden_layers=self.end - self.start, layer_types=cfg.layer_types[self.start : self.end])
+
+    def receive(self, tokens: mx.array, inner: nn.Module, hidden_size: int) -> mx.array:
+        """The input of this rank's layers: the embeddings, or the previous rank's output."""
+        if self.first:
+            return inner.embed_tokens(tokens)
+        return mx.distributed.recv((*tokens.shape, hidden_size), self.dtype, self.rank - 1, group=self.group)
+
+    def send(self, h: mx.array, inner: nn.Module) -> mx.array:
+        """The output of the model (the last rank), or this rank's output on its way to the next."""
+        if self.last:
+            return inner.norm(h)
+        return mx.distributed.send(h, self.rank + 1, group=self.group)
+
+    def logits(self, model: nn.Module, hidden: mx.array) -> mx.array:
+        if self.last:
+            logits = model.head(hidden)
+        else:  # zeros once this rank's output is sent
+            logits = mx.depends(mx.zeros((*hidden.shape[:-1], model.config.vocab_size), self.dtype), hidden)
+        return mx.distributed.all_sum(logits, group=self.group)
+
+
+class Tensor(Placement):
+    parallel = "tensor"
+
+    def shard(self, model: nn.Module) -> None:
+        from .models.moe import MLP, SparseMoeBlock
+
+        cfg, n = model.config, self.size
+        sizes = {
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size,
+        }
+        if cfg.layer_types:
+            sizes["linear_num_key_heads"] = cfg.linear_num_key_heads
+        if cfg.num_experts:
+            sizes["moe_intermediate_size"] = cfg.moe_intermediate_size
+            if cfg.shared_expert_intermediate_size:
+                sizes["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        for name, value in sizes.items():
+            if value % n:
+                raise ModelLoadError(
+                    f"tensor parallelism over {n} ranks needs {name} ({value}) to be a multiple of {n}: "
+                    "use --parallel pipeline (parallel='pipeline')"
+                )
+        g = self.group
+        for layer in model.layers:
+            if layer.is_linear:
+                _shard_gated_delta(layer.linear_attn, g)
+            else:
+                _shard_attention(layer.self_attn, g)
+            mlp = layer.mlp
+            if isinstance(mlp, MLP):
+                _shard_mlp(mlp, g, gather=True)
+            elif isinstance(mlp, SparseMoeBlock):
+                for name in ("gate_proj", "up_proj"):
+                    shard_inplace(mlp.switch_mlp[name], "all-to-sharded", group=g)
+                shard_inplace(mlp.switch_mlp.down_proj, "sharded-to-all", group=g)
+                hidden = mlp.switch_mlp._sizes[0] // n
+                mlp.switch_mlp._sizes = (hidden, hidden)
+                if "shared_expert" in mlp:
+                    _shard_mlp(mlp.shared_expert, g, gather=False)
+                mlp.sum_over = g  # one sum of the experts' and the shared expert's parts
+
+    def rank_config(self, cfg: ModelConfig) -> ModelConfig:
+        n = self.size
+        return replace(
+            cfg,
+            num_attention_heads=cfg.num_attention_heads // n,
+            num_key_value_heads=cfg.num_key_value_heads // n,
+            linear_num_key_heads=cfg.linear_num_key_heads // n,
+            linear_num_value_heads=cfg.linear_num_value_heads // n,
+        )
+
+
+def _shard_attention(attn: nn.Module, g: mx.distributed.Group) -> None:
+    n = g.size()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        attn[name] = shard_linear(attn[name], "all-to-sharded", group=g)
+    attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=g)
+    attn.n_heads //= n
+    attn.n_kv_heads //= n
+    attn._sizes = tuple(s // n for s in attn._sizes)
+
+
+def _shard_mlp(mlp: nn.Module, g: mx.distributed.Group, gather: bool) -> None:
+    """Columns of gate/up and rows of down; `gather`: down sums the parts across ranks itself."""
+    for name in ("gate_proj", "up_proj"):
+        mlp[name] = shard_linear(mlp[name], "all-to-sharded", group=g)
+    if gather:
+        mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=g)
+    else:
+        shard_inplace(mlp.down_proj, "sharded-to-all", group=g)
+    mlp._sizes = tuple(s // g.size() for s in mlp._sizes)
+
+
+def _shard_gated_delta(gdn: nn.Module, g: mx.distributed.Group) -> None:
+    """Whole key heads, with the value heads they serve."""
+    n, r = g.size(), g.rank()
+    qkv = [gdn.key_size, 2 * gdn.key_size]  # q | k | v, each split
+    shard_inplace(gdn.in_proj_qkv, "all-to-sharded", segments=qkv, group=g)
+    shard_inplace(gdn.conv1d, lambda _path, _w: (0, qkv), group=g)
+    for name in ("in_proj_z", "in_proj_b", "in_proj_a"):
+        shard_inplace(gdn[name], "all-to-sharded", group=g)
+    gdn.dt_bias = mx.contiguous(mx.split(gdn.dt_bias, n)[r])
+    gdn.A_log = mx.contiguous(mx.split(gdn.A_log, n)[r])
+    gdn.out_proj = shard_linear(gdn.out_proj, "sharded-to-all", group=g)
+    gdn.n_k_heads //= n
+    gdn.n_v_heads //= n
+    gdn.key_size //= n
+    gdn.value_size //= n
+    gdn.conv_dim //= n
+    gdn._in_sizes = tuple(s // n for s in gdn._in_sizes)
+
+
+def placement(parallel: str, dtype: mx.Dtype) -> Placement | None:
+    """This process's part when `mlx.launch` started several (None: it runs the whole model)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel={parallel!r}: choose {' or '.join(PARALLEL)}")
+    g = group()
+    if g is None:
+        return None
+    return Pipeline(g, dtype) if parallel == "pipeline" else Tensor(g)
+
+
+def describe(p: Placement) -> str:
+    if isinstance(p, Pipeline):
+        return f"rank {p.rank} of {p.size}: layers {p.start}-{p.end - 1}"
+    return f"rank {p.rank} of {p.size}: 1/{p.size} of every layer"
