@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -233,7 +235,7 @@ class Pipeline(Placement):
         return [int(v) for v in self.evaluate(gathered, "sharing memory sizes").tolist()]
 
     def rank_config(self, cfg: ModelConfig) -> ModelConfig:
-        return replace(cfg, num_hidden_layers=self.end - self.start, layer_types=cfg.layer_types[self.start : self.end])
+        return pipeline_config(cfg, self.start, self.end)
 
     def receive(self, tokens: mx.array, inner: nn.Module, hidden_size: int) -> mx.array:
         """The input of this rank's layers: the embeddings, or the previous rank's output."""
@@ -299,14 +301,77 @@ class Tensor(Placement):
                 mlp.sum_over = g  # one sum of the experts' and the shared expert's parts
 
     def rank_config(self, cfg: ModelConfig) -> ModelConfig:
-        n = self.size
-        return replace(
-            cfg,
-            num_attention_heads=cfg.num_attention_heads // n,
-            num_key_value_heads=cfg.num_key_value_heads // n,
-            linear_num_key_heads=cfg.linear_num_key_heads // n,
-            linear_num_value_heads=cfg.linear_num_value_heads // n,
-        )
+        return tensor_config(cfg, self.size)
+
+
+def pipeline_config(cfg: ModelConfig, start: int, end: int) -> ModelConfig:
+    """The config of layers start..end-1 (for their memory estimate)."""
+    return replace(cfg, num_hidden_layers=end - start, layer_types=cfg.layer_types[start:end])
+
+
+def tensor_config(cfg: ModelConfig, n: int) -> ModelConfig:
+    """The config of 1/n of every layer's heads (for its memory estimate)."""
+    return replace(
+        cfg,
+        num_attention_heads=max(cfg.num_attention_heads // n, 1),
+        num_key_value_heads=max(cfg.num_key_value_heads // n, 1),
+        linear_num_key_heads=cfg.linear_num_key_heads // n,
+        linear_num_value_heads=cfg.linear_num_value_heads // n,
+    )
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one host would hold of a model split across hosts."""
+
+    host: str
+    what: str  # "layers 0-31" or "1/2 of every layer"
+    weights: int  # bytes
+    config: ModelConfig  # of what it holds, for the memory estimate
+
+
+def plan(model: nn.Module, cfg: ModelConfig, hosts: list[str], memories: list[int], parallel: str) -> list[Part]:
+    """How `model` (built lazily, weights not read) would be split across `hosts` with these memories."""
+    costs = layer_costs(model)
+    if parallel == "pipeline":
+        runs = pipeline_layers(costs, memories)
+        layers = [costs[1 + i] for i in range(len(costs) - 2)]
+        parts = []
+        for r, (host, (a, b)) in enumerate(zip(hosts, runs, strict=True)):
+            weights = sum(layers[a:b]) + (costs[0] if r == 0 else 0) + (costs[-1] if r == len(hosts) - 1 else 0)
+            what = f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}"
+            parts.append(Part(host, what, weights, pipeline_config(cfg, a, b)))
+        return parts
+    n = len(hosts)
+    shared = costs[0] + costs[-1]  # embeddings and head stay whole on every host
+    weights = shared + sum(costs[1:-1]) // n
+    return [Part(host, f"1/{n} of every layer", weights, tensor_config(cfg, n)) for host in hosts]
+
+
+def read_hosts(hosts: str | None, hostfile: str | None) -> list[tuple[str, float | None]]:
+    """Host names and their memory in GB (None: unknown), from `--hosts a,b` or from mlx.launch's
+    hostfile (a JSON list, or {"hosts": [...]}, of {"ssh": NAME, ...}) where each host may also
+    give "memory_gb" (mlx.launch ignores it)."""
+    if hostfile is None:
+        names = [h.strip() for h in (hosts or "").split(",") if h.strip()]
+        if len(names) < 2:
+            raise ValueError(f"--hosts {hosts!r}: name two hosts or more, separated by commas")
+        return [(name, None) for name in names]
+    try:
+        data = json.loads(Path(hostfile).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{hostfile}: not a readable JSON hostfile ({e})") from None
+    entries = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or len(entries) < 2:
+        raise ValueError(f"{hostfile}: expected a list of two hosts or more (as mlx.launch's --hostfile)")
+    out = []
+    for i, entry in enumerate(entries):
+        name = entry.get("ssh") if isinstance(entry, dict) else None
+        memory = entry.get("memory_gb") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not (memory is None or (isinstance(memory, (int, float)) and memory > 0)):
+            raise ValueError(f'{hostfile}: host {i} needs an "ssh" name and, if any, a positive "memory_gb"')
+        out.append((name, memory))
+    return out
 
 
 def _shard_attention(attn: nn.Module, g: mx.distributed.Group) -> None:

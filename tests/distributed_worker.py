@@ -32,6 +32,8 @@ def logits(model: str, out: str, parallel: str) -> None:
         rows.append(np.array(step.astype(mx.float32)))
     rank = distributed.rank()
     info = {"peak": mx.get_peak_memory(), "weights": memory.weight_bytes(runtime.model)}
+    if isinstance(runtime, mlx.DistributedRuntime) and parallel == "pipeline":
+        info["layers"] = [runtime.placement.start, runtime.placement.end]
     Path(f"{out}.{rank}.json").write_text(json.dumps(info))
     if rank == 0:
         np.save(out, np.stack(rows))

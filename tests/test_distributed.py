@@ -15,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import build_reference, save_checkpoint
 
+from mlxqwen.backends.mlx import split_sizing
+from mlxqwen.cli import main
 from mlxqwen.distributed import pipeline_layers, split
 
 WORKER = str(Path(__file__).parent / "distributed_worker.py")
@@ -81,9 +84,14 @@ def test_logits_equal_one_process(models, tmp_path, arch, parallel):
     expected, (alone,) = logits(models[arch], tmp_path / "one", 1, parallel)
     got, ranks = logits(models[arch], tmp_path / "two", 2, parallel)
     assert np.abs(got - expected).max() < 1e-5
-    # each rank holds its part of the weights, not the whole model
+    # each rank holds its part of the weights, not the whole model, as `fit --hosts` plans it
     assert all(r["weights"] < 0.8 * alone["weights"] for r in ranks)
     assert sum(r["weights"] for r in ranks) >= alone["weights"]
+    planned = split_sizing(models[arch], ["a", "b"], [1, 1], parallel, dtype=mx.float32)
+    assert [r["weights"] for r in ranks] == pytest.approx([part.weights for part, _ in planned], rel=0.01)
+    if parallel == "pipeline":
+        assert [r["layers"] for r in ranks] == [[0, 2], [2, 4]]
+        assert [part.what for part, _ in planned] == ["layers 0-1", "layers 2-3"]
 
 
 @pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
@@ -177,3 +185,18 @@ def test_layers_split_in_proportion_to_memory():
     # embeddings + 4 layers + head: the first rank keeps the embeddings, the last the head
     assert pipeline_layers([10, 5, 5, 5, 5, 10], [1, 1]) == [(0, 2), (2, 4)]
     assert pipeline_layers([10, 5, 5, 5, 5, 10], [1, 2]) == [(0, 1), (1, 4)]
+
+
+def test_fit_says_how_a_model_splits_across_hosts_before_loading(models, tmp_path, capsys):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "mac-a", "memory_gb": 16}, {"ssh": "mac-b", "memory_gb": 48}]))
+    assert main(["fit", str(models["qwen3_5_text"]), "--hostfile", str(hostfile), "--context", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "across 2 hosts (pipeline) with 4,096 tokens" in out and "fits on every host" in out
+    assert "mac-a" in out and "layer 0 " in out and "layers 1-3" in out  # the larger host holds more layers
+    hostfile.write_text(json.dumps([{"ssh": "mac-a", "memory_gb": 0.0001}, {"ssh": "mac-b"}]))
+    assert main(["fit", str(models["qwen3_5_text"]), "--hostfile", str(hostfile), "--parallel", "tensor"]) == 1
+    out = capsys.readouterr().out
+    assert "1/2 of every layer" in out and "does not fit on every host" in out
+    assert main(["fit", str(models["qwen3"]), "--hosts", "a"]) == 1
+    assert "--hosts 'a': name two hosts or more" in capsys.readouterr().err

@@ -403,8 +403,31 @@ def sizing(
 ) -> memory.Sizing:
     """The memory policy's view of the model in `path` as `load` runs it, reading no weight: from
     the checkpoint's tensor headers, or from config.json alone when the weights are not there yet."""
-    if has_weights(path):
-        model, config = load_model(path, dtype=dtype, lazy=True, yarn=yarn)
-    else:
-        model, config = model_from_config(path, dtype=dtype, yarn=yarn)
+    model, config = _unread(path, dtype, yarn)
     return model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+
+
+def split_sizing(
+    path: Path,
+    hosts: list[str],
+    budgets: list[int],
+    parallel: str,
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    yarn: Yarn | None = None,
+) -> list[tuple[distributed.Part, memory.Sizing]]:
+    """What each host would hold of the model in `path` split across `hosts` (whose memory budgets
+    are `budgets`), and the memory policy's view of it there, reading no weight."""
+    model, config = _unread(path, dtype, yarn)
+    parts = distributed.plan(model, config, hosts, budgets, parallel)
+    options = dict(dtype=dtype or default_dtype(), kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk)
+    return [(part, memory.mlx_sizing(part.config, weights=part.weights, **options)) for part in parts]
+
+
+def _unread(path: Path, dtype: mx.Dtype | None, yarn: Yarn | None) -> tuple[nn.Module, ModelConfig]:
+    """The model as `load` builds it, from the checkpoint's tensor headers, or from config.json alone
+    when the weights are not there yet; no weight is read."""
+    if has_weights(path):
+        return load_model(path, dtype=dtype, lazy=True, yarn=yarn)
+    return model_from_config(path, dtype=dtype, yarn=yarn)
