@@ -1,19 +1,20 @@
 """One model across several processes (several Macs), with MLX's distributed backend.
 
 Started by MLX's launcher (`mlx.launch --hosts a,b -- $(which mlxqwen) generate MODEL ...`), every
-process (rank) loads its part of the model and runs the same engine steps on the same requests:
+process (rank) loads its part of the model:
 - pipeline parallelism: each rank holds a contiguous run of layers, about its share of the memory
   of all ranks (`split`); the first also holds the embeddings, the last the final norm and the
   head. A step's activations go from rank to rank (`mx.distributed.send` / `recv`) and the last
-  rank's logits are shared with all (`all_sum`, the others adding zeros), so every rank draws the
-  same tokens;
+  rank's logits are shared (`all_sum`, the others adding zeros);
 - tensor parallelism: every rank holds all layers with a share of their attention heads, MLP
   columns, Gated DeltaNet heads and experts' columns; the partial outputs are summed across ranks
-  (`all_sum`, MLX's sharded linear layers), so every rank computes the same logits.
-Each rank reads only the tensors of its part (the checkpoint's tensors are loaded lazily). Sampling
-seeds are the same on every rank. A rank that stops ends the run on every rank: a step's collective
-that fails or waits past `MLXQWEN_DISTRIBUTED_TIMEOUT` seconds (default 60) ends this process with
-one line, and the launcher ends the others."""
+  (`all_sum`, MLX's sharded linear layers), so every rank computes the logits.
+Each rank reads only the tensors of its part (the checkpoint's tensors are loaded lazily). Rank 0
+runs the engine and talks to the user; it tells the others each call it makes on the model
+(`tell` / `hear`), which they make on their part (`backends.mlx.DistributedRuntime`). A rank that
+stops ends the run on every rank: a step's collective that fails, or waits past
+`MLXQWEN_DISTRIBUTED_TIMEOUT` seconds (default 60), ends its process with one line, and the
+launcher ends the others."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import contextlib
 import io
 import json
 import os
-import random
 import sys
 import threading
 import time
@@ -48,17 +48,11 @@ def launched() -> bool:
 
 @cache
 def group() -> mx.distributed.Group | None:
-    """The processes `mlx.launch` started, or None for a process alone. The first call agrees on a
-    seed for Python's and MLX's random numbers, so unseeded sampling draws alike on every rank."""
+    """The processes `mlx.launch` started, or None for a process alone."""
     if not launched():
         return None
     g = mx.distributed.init()
-    if g.size() == 1:
-        return None
-    seed = mx.distributed.all_sum(mx.array(random.getrandbits(31) if g.rank() == 0 else 0), group=g).item()
-    random.seed(seed)
-    mx.random.seed(seed)
-    return g
+    return g if g.size() > 1 else None
 
 
 def rank() -> int:
@@ -152,6 +146,28 @@ class Placement:
         """The least of each value over all ranks (limits every rank must share)."""
         gathered = mx.distributed.all_gather(mx.array([values], dtype=mx.int64), group=self.group)
         return [int(v) for v in self.evaluate(gathered, "agreeing on limits").min(axis=0).tolist()]
+
+    def tell(self, numbers: list[int]) -> None:
+        """Rank 0: send `numbers` to every other rank (which `hear` them)."""
+        self._broadcast(numbers)
+
+    def hear(self) -> list[int]:
+        """The other ranks: what rank 0 tells next (waiting for it as long as it takes)."""
+        return self._broadcast(None)
+
+    def _broadcast(self, numbers: list[int] | None) -> list[int]:
+        # all_sum with zeros from every rank but 0: MLX's collectives have no broadcast
+        count = mx.array([len(numbers) if numbers is not None else 0], dtype=mx.int32)
+        count = mx.distributed.all_sum(count, group=self.group)
+        if numbers is None:  # the wait for rank 0's next call: no timeout
+            try:
+                mx.eval(count)
+            except RuntimeError as e:
+                self._end(f"waiting for rank 0, the connection to it was lost ({e})")
+        else:
+            self.evaluate(count, "telling the other ranks")
+        values = mx.array(numbers if numbers is not None else [0] * count.item(), dtype=mx.int32)
+        return self.evaluate(mx.distributed.all_sum(values, group=self.group), "sharing rank 0's call").tolist()
 
     def evaluate(self, arrays, what: str):
         """Evaluate a step (which meets the other ranks); a peer lost or a wait past the timeout ends

@@ -124,10 +124,10 @@ def _start_forever(models, tmp_path: Path, **env: str) -> tuple[subprocess.Popen
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}
     )
     deadline = time.monotonic() + 60
-    while not all((tmp_path / f"{r}.pid").exists() for r in range(2)):
+    while not (tmp_path / "decoding").exists():
         assert time.monotonic() < deadline and process.poll() is None, "the ranks did not start"
         time.sleep(0.2)
-    time.sleep(1)  # decoding
+    time.sleep(0.5)
     return process, [int((tmp_path / f"{r}.pid").read_text()) for r in range(2)]
 
 
@@ -149,16 +149,18 @@ def _stop(process: subprocess.Popen, pids: list[int]) -> None:
     process.wait()
 
 
-def test_a_killed_rank_ends_the_run_with_one_line_naming_it(models, tmp_path):
+def test_a_killed_rank_ends_the_run_naming_it(models, tmp_path):
     process, pids = _start_forever(models, tmp_path)
     try:
         os.kill(pids[1], signal.SIGKILL)
         start = time.monotonic()
         out, _ = process.communicate(timeout=30)
         assert time.monotonic() - start < 10
+        # the launcher names the rank that ended and ends the others; rank 0, when it notices first, says so once
+        assert "Node with rank 1 exited with code -9" in out, out
         ours = [line for line in out.splitlines() if line.startswith("mlxqwen: rank")]
-        assert len(ours) == 1 and ours[0].startswith("mlxqwen: rank 0 of 2: "), out
-        assert "the connection to rank 1 was lost" in ours[0] and ours[0].endswith("ending the run"), out
+        assert len(ours) <= 1, out
+        assert all(line.startswith("mlxqwen: rank 0 of 2: ") and "to rank 1 was lost" in line for line in ours)
     finally:
         _stop(process, pids)
 
@@ -173,7 +175,9 @@ def test_a_rank_that_stops_answering_ends_the_run(models, tmp_path):
             time.sleep(0.2)
         os.kill(pids[1], signal.SIGKILL)
         out, _ = process.communicate(timeout=30)
-        assert "mlxqwen: rank 0 of 2: decoding, rank 1 did not answer in 3 s; it stopped or cannot be reached" in out
+        ours = [line for line in out.splitlines() if line.startswith("mlxqwen: rank")]
+        assert len(ours) == 1 and ours[0].startswith("mlxqwen: rank 0 of 2: "), out
+        assert ours[0].endswith("rank 1 did not answer in 3 s; it stopped or cannot be reached: ending the run")
     finally:
         _stop(process, pids)
 

@@ -12,6 +12,10 @@ waits stays small."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,29 +302,116 @@ class MLXRuntime(Runtime):
         self._batch, self._batch_caches = [], []
 
 
+# what rank 0 tells the other ranks to do (`DistributedRuntime`)
+_NEW, _RELEASE, _PREFILL, _DECODE, _SNAPSHOT, _RESTORE, _SETTLE, _STOP = range(8)
+
+
 class DistributedRuntime(MLXRuntime):
-    """One rank of a model split across processes (`mlxqwen.distributed`). Every rank makes the same
-    calls; each step is evaluated here, under the placement's watchdog, and its logits are the same
-    on every rank. No MTP head: the head would need its own split."""
+    """One rank of a model split across processes (`mlxqwen.distributed`). Rank 0 runs the engine:
+    each call that computes or changes state is told to the other ranks first (`Placement.tell`),
+    which make the same call on their part of the model (`follow`), so the engine, its sampling and
+    its prefix cache are rank 0's alone. Sequences and snapshots are known to the others by number.
+    Steps are evaluated at once, under the placement's watchdog. No MTP head: it would need its own
+    split."""
 
     def __init__(self, *args, placement: distributed.Placement, **kwargs):
         super().__init__(*args, **kwargs)
         self.placement = placement
         self.identity["rank"] = f"{placement.parallel} {placement.rank}/{placement.size}"
+        self._numbers = itertools.count()
+        self._dropped: deque[int] = deque()  # snapshots rank 0 no longer holds, yet to tell (from any thread)
+        self._stopped = False
+        if placement.rank == 0:
+            atexit.register(self.close)
+
+    # --- rank 0 -------------------------------------------------------------------------
+
+    def _tell(self, op: int, *numbers: int) -> None:
+        if self._stopped:
+            raise RuntimeError("the model's other ranks have stopped")
+        dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
+        self.placement.tell([op, len(dropped), *dropped, *numbers])
+
+    def new_sequence(self) -> _Sequence:
+        seq = super().new_sequence()
+        seq.number = next(self._numbers)
+        self._tell(_NEW, seq.number)
+        return seq
+
+    def release(self, seq: _Sequence) -> None:
+        self._tell(_RELEASE, seq.number)
+        super().release(seq)
 
     def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        self._tell(_PREFILL, seq.number, *tokens)
+        self._prefill(seq, tokens)
+
+    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        self._tell(_DECODE, *(s.number for s in seqs), *tokens.tolist())
+        return self._decode(seqs, tokens)
+
+    def snapshot(self, seq: _Sequence) -> _Snapshot:
+        snapshot = super().snapshot(seq)
+        number = next(self._numbers)
+        self._tell(_SNAPSHOT, seq.number, number)
+        weakref.finalize(snapshot, self._dropped.append, number)
+        snapshot.number = number
+        return snapshot
+
+    def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
+        self._tell(_RESTORE, seq.number, snapshot.number, length)
+        super().restore(seq, snapshot, length)
+
+    def settle(self) -> None:
+        self._tell(_SETTLE)
+        super().settle()
+
+    def close(self) -> None:
+        if self.placement.rank == 0 and not self._stopped:
+            self._tell(_STOP)
+            self._stopped = True
+
+    # --- every rank ---------------------------------------------------------------------
+
+    def _prefill(self, seq: _Sequence, tokens: list[int]) -> None:
         if seq in self._batch:
             self._unbatch()
         hidden = self.model.hidden(mx.array([tokens]), cache=seq.caches)
-        self.placement.evaluate([hidden] + [c.state for c in seq.caches], "reading the prompt")
+        self.placement.evaluate([hidden] + [c.state for c in seq.caches], "reading a prompt")
         mx.clear_cache()
         seq.length += len(tokens)
 
-    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+    def _decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         hidden = self.model.hidden(tokens[:, None], cache=self._caches(seqs))
         for seq in seqs:
             seq.length += 1
         return self.placement.evaluate(self.placement.logits(self.model, hidden[:, -1]), "decoding")
+
+    def follow(self) -> None:
+        """The other ranks' life: make rank 0's calls, until it stops."""
+        held: dict[int, Any] = {}  # sequences and snapshots by number
+        while True:
+            op, n, *rest = self.placement.hear()
+            for number in rest[:n]:
+                held.pop(number, None)
+            args = rest[n:]
+            if op == _STOP:
+                return
+            if op == _NEW:
+                held[args[0]] = MLXRuntime.new_sequence(self)
+            elif op == _RELEASE:
+                MLXRuntime.release(self, held.pop(args[0]))
+            elif op == _PREFILL:
+                self._prefill(held[args[0]], args[1:])
+            elif op == _DECODE:
+                batch = len(args) // 2
+                self._decode([held[k] for k in args[:batch]], mx.array(args[batch:]))
+            elif op == _SNAPSHOT:
+                held[args[1]] = MLXRuntime.snapshot(self, held[args[0]])
+            elif op == _RESTORE:
+                MLXRuntime.restore(self, held[args[0]], held[args[1]], args[2])
+            elif op == _SETTLE:
+                MLXRuntime.settle(self)
 
 
 def _arrays(state: tuple) -> list[mx.array]:
@@ -384,7 +475,7 @@ def load(
     args = (model, tokenizer, config, path, defaults)
     if placement is None:
         return MLXRuntime(*args, max_context, capacity, dtype, kv_bits)
-    max_context, capacity = placement.agree([max_context, capacity])  # every rank schedules alike
+    max_context, capacity = placement.agree([max_context, capacity])  # what every rank has room for
     return DistributedRuntime(*args, max_context, capacity, dtype, kv_bits, placement=placement)
 
 
