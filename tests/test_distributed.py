@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import build_reference, save_checkpoint
+from serving import running, serve_command
 
 from mlxqwen.backends.mlx import split_sizing
 from mlxqwen.cli import main
@@ -204,3 +206,27 @@ def test_fit_says_how_a_model_splits_across_hosts_before_loading(models, tmp_pat
     assert "1/2 of every layer" in out and "does not fit on every host" in out
     assert main(["fit", str(models["qwen3"]), "--hosts", "a"]) == 1
     assert "--hosts 'a': name two hosts or more" in capsys.readouterr().err
+
+
+def _answer(server, name: str) -> str:
+    body = {"model": name, "prompt": "Hello there", "stream": False, "think": False,
+            "options": {"temperature": 0, "num_predict": 24}}  # fmt: skip
+    reply = httpx.post(f"{server.url}/api/generate", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["response"]
+
+
+def test_serve_under_mlx_launch_answers_as_one_process(models, tmp_path):
+    model = models["chat"]
+    with running(serve_command(str(model), "--backend", "mlx"), tmp_path / "one.log") as server:
+        expected = [_answer(server, model.name) for _ in range(2)]
+    argv = launch(2, MLXQWEN, "serve", str(model), "--port", "{port}", "--backend", "mlx", "--parallel", "tensor")
+    with running(argv, tmp_path / "two.log") as server:
+        # rank 0 serves; each request's steps run on both ranks (the second request resumes from the prefix cache)
+        assert [_answer(server, model.name) for _ in range(2)] == expected
+        assert server.log_text().count("mlxqwen serve: http://") == 1  # rank 0 alone listens and talks
+
+
+def test_serve_under_mlx_launch_serves_one_model(models):
+    done = run(launch(2, MLXQWEN, "serve", str(models["chat"]), str(models["qwen3"]), "--port", "0"))
+    assert "mlxqwen serve: error: under mlx.launch, serve one MODEL" in done.stderr
