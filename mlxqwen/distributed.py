@@ -5,7 +5,7 @@ process (rank) loads its part of the model:
 - pipeline parallelism: each rank holds a contiguous run of layers, about its share of the memory
   of all ranks (`split`); the first also holds the embeddings, the last the final norm and the
   head. A step's activations go from rank to rank (`mx.distributed.send` / `recv`) and the last
-  rank's logits are shared (`all_sum`, the others adding zeros);
+  rank sends the logits to rank 0;
 - tensor parallelism: every rank holds all layers with a share of their attention heads, MLP
   columns, Gated DeltaNet heads and experts' columns; the partial outputs are summed across ranks
   (`all_sum`, MLX's sharded linear layers), so every rank computes the logits.
@@ -139,7 +139,7 @@ class Placement:
         return cfg
 
     def logits(self, model: nn.Module, hidden: mx.array) -> mx.array:
-        """The logits for the model's output `hidden`, the same on every rank."""
+        """The logits for the model's output `hidden` (those rank 0 uses)."""
         return model.head(hidden)
 
     def agree(self, values: list[int]) -> list[int]:
@@ -266,11 +266,15 @@ class Pipeline(Placement):
         return mx.distributed.send(h, self.rank + 1, group=self.group)
 
     def logits(self, model: nn.Module, hidden: mx.array) -> mx.array:
+        """On rank 0 the logits, which the last rank sends it; elsewhere what this rank sends."""
         if self.last:
             logits = model.head(hidden)
-        else:  # zeros once this rank's output is sent
-            logits = mx.depends(mx.zeros((*hidden.shape[:-1], model.config.vocab_size), self.dtype), hidden)
-        return mx.distributed.all_sum(logits, group=self.group)
+            return logits if self.first else mx.distributed.send(logits, 0, group=self.group)
+        if not self.first:
+            return hidden
+        shape = (*hidden.shape[:-1], model.config.vocab_size)
+        # once this rank's output is sent: the last rank's logits depend on it
+        return mx.depends(mx.distributed.recv(shape, self.dtype, self.size - 1, group=self.group), hidden)
 
 
 class Tensor(Placement):
@@ -344,24 +348,31 @@ class Part:
     what: str  # "layers 0-31" or "1/2 of every layer"
     weights: int  # bytes
     config: ModelConfig  # of what it holds, for the memory estimate
+    sent: int  # bytes it sends per token decoded (one sequence)
 
 
-def plan(model: nn.Module, cfg: ModelConfig, hosts: list[str], memories: list[int], parallel: str) -> list[Part]:
-    """How `model` (built lazily, weights not read) would be split across `hosts` with these memories."""
-    costs = layer_costs(model)
+def plan(
+    model: nn.Module, cfg: ModelConfig, hosts: list[str], memories: list[int], parallel: str, dtype: mx.Dtype
+) -> list[Part]:
+    """How `model` (built lazily, weights not read) would be split across `hosts` with these memories,
+    computing in `dtype`."""
+    costs, n = layer_costs(model), len(hosts)
+    hidden = cfg.hidden_size * dtype.size
     if parallel == "pipeline":
         runs = pipeline_layers(costs, memories)
         layers = [costs[1 + i] for i in range(len(costs) - 2)]
         parts = []
         for r, (host, (a, b)) in enumerate(zip(hosts, runs, strict=True)):
-            weights = sum(layers[a:b]) + (costs[0] if r == 0 else 0) + (costs[-1] if r == len(hosts) - 1 else 0)
+            weights = sum(layers[a:b]) + (costs[0] if r == 0 else 0) + (costs[-1] if r == n - 1 else 0)
             what = f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}"
-            parts.append(Part(host, what, weights, pipeline_config(cfg, a, b)))
+            sent = hidden if r < n - 1 else cfg.vocab_size * dtype.size  # to the next rank; the logits to rank 0
+            parts.append(Part(host, what, weights, pipeline_config(cfg, a, b), sent))
         return parts
-    n = len(hosts)
     shared = costs[0] + costs[-1]  # embeddings and head stay whole on every host
     weights = shared + sum(costs[1:-1]) // n
-    return [Part(host, f"1/{n} of every layer", weights, tensor_config(cfg, n)) for host in hosts]
+    # two sums per layer (the mixer's output, the MLP's), each sending 2 (n - 1) / n of it from every rank
+    sent = 2 * cfg.num_hidden_layers * 2 * (n - 1) * hidden // n
+    return [Part(host, f"1/{n} of every layer", weights, tensor_config(cfg, n), sent) for host in hosts]
 
 
 def read_hosts(hosts: str | None, hostfile: str | None) -> list[tuple[str, float | None]]:

@@ -263,7 +263,7 @@ def _fit_hosts(args: argparse.Namespace) -> int:
         out.print(f"past the {limit:,} tokens this model handles; {yarn_hint(context, trained)}", style="red")
         return 1
     out.print(f"{path} on MLX across {len(hosts)} hosts ({args.parallel}) with {context:,} tokens of context")
-    table = Table("host", "holds", "weights", "K/V + state", "total", "allows", "")
+    table = Table("host", "holds", "weights", "K/V + state", "total", "allows", "sends per token", "")
     fits = True
     for (part, plan), budget in zip(parts, budgets, strict=True):
         estimate = plan.estimate(context, budget=budget)
@@ -275,6 +275,7 @@ def _fit_hosts(args: argparse.Namespace) -> int:
             format_size(estimate.kv_cache + estimate.recurrent_state, binary=True),
             format_size(estimate.total, binary=True),
             format_size(budget, binary=True),
+            format_size(part.sent, binary=True),
             "fits" if estimate.fits else "does not fit",
         )
     out.print(table)

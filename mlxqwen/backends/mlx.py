@@ -511,8 +511,9 @@ def split_sizing(
     """What each host would hold of the model in `path` split across `hosts` (whose memory budgets
     are `budgets`), and the memory policy's view of it there, reading no weight."""
     model, config = _unread(path, dtype, yarn)
-    parts = distributed.plan(model, config, hosts, budgets, parallel)
-    options = dict(dtype=dtype or default_dtype(), kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk)
+    dtype = dtype or default_dtype()
+    parts = distributed.plan(model, config, hosts, budgets, parallel, dtype)
+    options = dict(dtype=dtype, kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk)
     return [(part, memory.mlx_sizing(part.config, weights=part.weights, **options)) for part in parts]
 
 
