@@ -109,9 +109,11 @@ def test_tensor_parallelism_refuses_heads_it_cannot_divide(models, tmp_path):
     assert "num_key_value_heads (2) to be a multiple of 4: use --parallel pipeline" in done.stderr
 
 
-@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
-def test_generate_greedy_text_equal_one_process(models, parallel):
-    argv = [MLXQWEN, "generate", str(models["chat"]), "-p", "Hello there", "--max-tokens", "24", "--temp", "0",
+@pytest.mark.parametrize(
+    "parallel, sampling", [("pipeline", ["--temp", "0"]), ("tensor", ["--temp", "0"]), ("pipeline", ["--seed", "3"])]
+)
+def test_generate_text_equal_one_process(models, parallel, sampling):
+    argv = [MLXQWEN, "generate", str(models["chat"]), "-p", "Hello there", "--max-tokens", "24", *sampling,
             "--no-think", "--backend", "mlx"]  # fmt: skip
     alone = run(argv)
     assert alone.returncode == 0, alone.stderr

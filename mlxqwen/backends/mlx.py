@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import threading
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -321,10 +322,13 @@ class DistributedRuntime(MLXRuntime):
         self._numbers = itertools.count()
         self._dropped: deque[int] = deque()  # snapshots rank 0 no longer holds, yet to tell (from any thread)
         self._stopped = False
+        self._lock = threading.Lock()
         if placement.rank == 0:
-            atexit.register(self.close)
+            atexit.register(self._end)
 
     # --- rank 0 -------------------------------------------------------------------------
+    # A call is told, then made, under a lock: the engine's thread and the one that ends the process
+    # (`close` at exit) must not interleave their messages.
 
     def _tell(self, op: int, *numbers: int) -> None:
         if self._stopped:
@@ -333,43 +337,58 @@ class DistributedRuntime(MLXRuntime):
         self.placement.tell([op, len(dropped), *dropped, *numbers])
 
     def new_sequence(self) -> _Sequence:
-        seq = super().new_sequence()
-        seq.number = next(self._numbers)
-        self._tell(_NEW, seq.number)
-        return seq
+        with self._lock:
+            seq = super().new_sequence()
+            seq.number = next(self._numbers)
+            self._tell(_NEW, seq.number)
+            return seq
 
     def release(self, seq: _Sequence) -> None:
-        self._tell(_RELEASE, seq.number)
-        super().release(seq)
+        with self._lock:
+            self._tell(_RELEASE, seq.number)
+            super().release(seq)
 
     def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
-        self._tell(_PREFILL, seq.number, *tokens)
-        self._prefill(seq, tokens)
+        with self._lock:
+            self._tell(_PREFILL, seq.number, *tokens)
+            self._prefill(seq, tokens)
 
     def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
-        self._tell(_DECODE, *(s.number for s in seqs), *tokens.tolist())
-        return self._decode(seqs, tokens)
+        with self._lock:
+            self._tell(_DECODE, *(s.number for s in seqs), *tokens.tolist())
+            return self._decode(seqs, tokens)
 
     def snapshot(self, seq: _Sequence) -> _Snapshot:
-        snapshot = super().snapshot(seq)
-        number = next(self._numbers)
-        self._tell(_SNAPSHOT, seq.number, number)
-        weakref.finalize(snapshot, self._dropped.append, number)
-        snapshot.number = number
+        with self._lock:
+            snapshot = super().snapshot(seq)
+            snapshot.number = next(self._numbers)
+            self._tell(_SNAPSHOT, seq.number, snapshot.number)
+        # when rank 0 lets go of it (not at exit, while the engine may still restore it)
+        weakref.finalize(snapshot, self._dropped.append, snapshot.number).atexit = False
         return snapshot
 
     def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
-        self._tell(_RESTORE, seq.number, snapshot.number, length)
-        super().restore(seq, snapshot, length)
+        with self._lock:
+            self._tell(_RESTORE, seq.number, snapshot.number, length)
+            super().restore(seq, snapshot, length)
 
     def settle(self) -> None:
-        self._tell(_SETTLE)
-        super().settle()
+        with self._lock:
+            self._tell(_SETTLE)
+            super().settle()
+
+    def _end(self) -> None:
+        # registered after the engine's own exit hook, so run before it: let the engines stop first
+        from ..engine import _settle
+
+        _settle()
+        self.close()
 
     def close(self) -> None:
-        if self.placement.rank == 0 and not self._stopped:
-            self._tell(_STOP)
-            self._stopped = True
+        with self._lock:
+            if self.placement.rank == 0 and not self._stopped:
+                self._tell(_STOP)
+                self._stopped = True
 
     # --- every rank ---------------------------------------------------------------------
 
