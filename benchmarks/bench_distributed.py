@@ -96,7 +96,7 @@ def main() -> None:
         model = write_checkpoint(Path(tmp) / "model", qwen3_5_config(args.hidden, args.layers, args.vocab))
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (model / name).write_bytes((TOKENIZER / name).read_bytes())
-        rows, speed, sent_2 = [], [], None
+        rows, speed, sent_2 = [], [], {}
         for ranks, parallel in RUNS:
             out = Path(tmp) / f"{ranks}-{parallel}"
             out.mkdir()
@@ -112,8 +112,8 @@ def main() -> None:
                     f"{results[0]['sent'][r]:,.0f}", f"{part.sent:,}" if part else "-",
                 ])  # fmt: skip
             speed.append([f"{ranks} × {parallel}" if ranks > 1 else "1", f"{results[0]['tok_s']:.2f}"])
-            if (ranks, parallel) == (2, "pipeline"):
-                sent_2 = results[0]["sent"]
+            if ranks == 2:
+                sent_2[parallel] = results[0]["sent"]
     print_table(
         f"Per rank, Qwen3.5-shaped 4-bit model (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
         f"fp32 compute, {args.tokens} tokens",
@@ -124,20 +124,30 @@ def main() -> None:
     project(args, sent_2)
 
 
-def project(args: argparse.Namespace, sent: list[float]) -> None:
-    """Two Macs, pipeline, over Thunderbolt: a token crosses the link twice (hidden state there, logits
-    back), so per token it adds two latencies and its bytes over the bandwidth to one Mac's time. Here
-    bytes scale from the measured model to Qwen3.6-27B (hidden 5120, vocab 248,320, bf16 activations)."""
-    scale_hidden = 5120 * 2 / (args.hidden * 4)
-    scale_vocab = 248320 * 2 / (args.vocab * 4)
-    per_token = sent[0] * scale_hidden + sent[1] * scale_vocab
-    link = 2 * args.latency * 1e-6 + per_token / (args.bandwidth * 1e9)
-    projected = 1 / (1 / args.mac_tok_s + link)
-    row = [f"{args.mac_tok_s:.1f}", f"{per_token:,.0f}", f"{args.bandwidth:g}, {args.latency:g}", f"{projected:.1f}"]
+def project(args: argparse.Namespace, sent: dict[str, list[float]]) -> None:
+    """Two Macs over Thunderbolt, for Qwen3.6-27B (hidden 5120, 64 layers, vocab 248,320, bf16
+    activations), from the bytes per token measured here scaled to its sizes. Per token: one Mac's time
+    (pipeline: each Mac reads half the weights, one after the other, so as one Mac; tensor: both read
+    half at once, so half of it), plus each message's latency (rank 0's call: two sums of two steps;
+    pipeline: the hidden state there, the logits back; tensor: two sums of two steps per layer) and
+    the bytes over the bandwidth."""
+    hidden = 5120 * 2 / (args.hidden * 4)
+    vocab = 248320 * 2 / (args.vocab * 4)
+    layers = 64 / args.layers
+    one = 1 / args.mac_tok_s
+    cases = {
+        "pipeline": (sent["pipeline"][0] * hidden + sent["pipeline"][1] * vocab, 4 + 2, one),
+        "tensor": (sent["tensor"][0] * hidden * layers, 4 + 2 * 64 * 2, one / 2),
+    }
+    rows = []
+    for parallel, (per_token, messages, compute) in cases.items():
+        link = messages * args.latency * 1e-6 + per_token / (args.bandwidth * 1e9)
+        rows.append([parallel, f"{per_token:,.0f}", messages, f"{1 / (compute + link):.1f}"])
     print_table(
-        "PROJECTION (not measured): Qwen3.6-27B 4-bit, 2 Macs, pipeline over Thunderbolt",
-        ["one Mac tok/s (given)", "bytes/token (scaled from measured)", "link GB/s, µs", "projected tok/s"],
-        [row],
+        f"PROJECTION (not measured): Qwen3.6-27B 4-bit on 2 Macs over Thunderbolt ({args.bandwidth:g} GB/s, "
+        f"{args.latency:g} µs a message; one Mac alone: {args.mac_tok_s:g} tok/s, given)",
+        ["parallel", "bytes/token (scaled from measured)", "messages/token", "projected tok/s"],
+        rows,
     )
 
 

@@ -142,10 +142,14 @@ class Placement:
         """The logits for the model's output `hidden` (those rank 0 uses)."""
         return model.head(hidden)
 
+    def gather(self, values: list[int], what: str) -> list[list[int]]:
+        """Every rank's `values`, by rank."""
+        gathered = mx.distributed.all_gather(mx.array([values], dtype=mx.int64), group=self.group)
+        return self.evaluate(gathered, what).tolist()
+
     def agree(self, values: list[int]) -> list[int]:
         """The least of each value over all ranks (limits every rank must share)."""
-        gathered = mx.distributed.all_gather(mx.array([values], dtype=mx.int64), group=self.group)
-        return [int(v) for v in self.evaluate(gathered, "agreeing on limits").min(axis=0).tolist()]
+        return [min(column) for column in zip(*self.gather(values, "agreeing on limits"), strict=True)]
 
     def tell(self, numbers: list[int]) -> None:
         """Rank 0: send `numbers` to every other rank (which `hear` them)."""
@@ -220,7 +224,7 @@ class Pipeline(Placement):
         from .memory import memory_budget
 
         inner, outer = _decoder(model)
-        memories = self.agree_all(memory_budget())
+        memories = [m for (m,) in self.gather([memory_budget()], "sharing memory sizes")]
         self.runs = pipeline_layers(layer_costs(model), memories)
         self.start, self.end = self.runs[self.rank]
         prefix = next(path for path, m in model.named_modules() if m is inner) + "."
@@ -245,10 +249,6 @@ class Pipeline(Placement):
                 del outer.lm_head
         inner.pipeline = self
         return kept
-
-    def agree_all(self, value: int) -> list[int]:
-        gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
-        return [int(v) for v in self.evaluate(gathered, "sharing memory sizes").tolist()]
 
     def rank_config(self, cfg: ModelConfig) -> ModelConfig:
         return pipeline_config(cfg, self.start, self.end)
@@ -449,9 +449,3 @@ def placement(parallel: str, dtype: mx.Dtype) -> Placement | None:
     if g is None:
         return None
     return Pipeline(g, dtype) if parallel == "pipeline" else Tensor(g)
-
-
-def describe(p: Placement) -> str:
-    if isinstance(p, Pipeline):
-        return f"rank {p.rank} of {p.size}: layers {p.start}-{p.end - 1}"
-    return f"rank {p.rank} of {p.size}: 1/{p.size} of every layer"
