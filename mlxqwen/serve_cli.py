@@ -99,13 +99,7 @@ def run(args: argparse.Namespace) -> int:
             "warning",
         )
 
-    class Kept(ModelPool):
-        """The model split across mlx.launch's processes stays loaded: the others end with it."""
-
-        def unload(self, name: str) -> bool:
-            return False
-
-    pool = (Kept if split else ModelPool)(models or None, keep_alive=keep_alive, load=loader)
+    pool = (_kept(ModelPool) if split else ModelPool)(models or None, keep_alive=keep_alive, load=loader)
     app = create_app(
         pool,
         api_key=args.api_key,
@@ -119,3 +113,13 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _kept(pool: type) -> type:
+    class Kept(pool):
+        """The model split across mlx.launch's processes stays loaded: the others end with it."""
+
+        def unload(self, name: str) -> bool:
+            return False
+
+    return Kept
