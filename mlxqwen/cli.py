@@ -10,7 +10,9 @@ MESSAGE` (a warning: `warning:`). Messages name options as flags (`--force`, see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from rich.console import Console
@@ -59,9 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     for module in dict.fromkeys(wanted):
         importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
+    quiet = contextlib.nullcontext()
+    if "MLX_RANK" in os.environ:  # one of the processes mlx.launch started (see mlxqwen.distributed)
+        from .distributed import quiet_followers
+
+        quiet = quiet_followers()
     with command_line_wording():
         try:
-            return int(args.func(args) or 0)
+            with quiet:
+                return int(args.func(args) or 0)
         except (ValueError, OSError) as e:  # mlxqwen's errors are ValueErrors with a one-line message
             return error(args.command, e)
         except KeyboardInterrupt:

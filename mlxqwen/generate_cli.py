@@ -14,6 +14,7 @@ from rich.table import Table
 from .backends import BACKENDS
 from .cli import console, error, note
 from .display import format_size, format_stats
+from .distributed import PARALLEL
 from .events import Done, PrefillProgress, TextDelta, ThinkingDelta, ToolCall
 
 BACKEND_HELP = "mlx, llama.cpp, or auto (default): MLX on Apple Silicon, else llama.cpp when the model has GGUF weights"
@@ -62,13 +63,19 @@ def add_context_options(parser: argparse.ArgumentParser, context_flag: str = "--
         "(optionally with original_max_position_embeddings, the trained context)",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    parser.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default="pipeline",
+        help="under mlx.launch, split the model across its processes by layers (pipeline) or within layers (tensor)",
+    )
     if mtp:
         parser.add_argument("--no-mtp", action="store_true", help="no speculative decoding with the model's MTP head")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of `mlxqwen.load` that the options of `add_context_options` give."""
-    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits)
+    options = dict(backend=args.backend, max_context=args.max_context, kv_bits=args.kv_bits, parallel=args.parallel)
     return {**options, "rope_scaling": args.rope_scaling, "mtp": False if args.no_mtp else "auto"}
 
 
@@ -103,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fit.add_argument("--context", type=number_arg(int, 1, "at least 1"),
                      help="context length in tokens (default: the model's maximum)")  # fmt: skip
     add_context_options(fit, "--context", mtp=False)
+    hosts = fit.add_mutually_exclusive_group()
+    hosts.add_argument("--hosts", help="split across these hosts (a,b), each with this machine's memory")
+    hosts.add_argument(
+        "--hostfile",
+        help='split across the hosts of this mlx.launch hostfile; each may give "memory_gb" (16 for a 16 GB Mac)',
+    )
     fit.set_defaults(func=run_fit)
 
 
@@ -198,6 +211,8 @@ def run_fit(args: argparse.Namespace) -> int:
     from .backends import sizing
     from .config import yarn_hint
 
+    if args.hosts or args.hostfile:
+        return _fit_hosts(args)
     out = console()
     choice, plan = sizing(args.model, args.backend, kv_bits=args.kv_bits, rope_scaling=args.rope_scaling)
     context = args.context or plan.limit
@@ -224,3 +239,45 @@ def run_fit(args: argparse.Namespace) -> int:
         longest = memory.largest_context(plan)
         out.print(f"longest context that fits: {longest:,} tokens" if longest else "no context fits")
     return 0 if estimate.fits else 1
+
+
+def _fit_hosts(args: argparse.Namespace) -> int:
+    """How the model would split across hosts (`mlxqwen.distributed`), and whether each part fits."""
+    from . import memory
+    from .backends.mlx import split_sizing
+    from .config import parse_yarn, yarn_hint
+    from .distributed import read_hosts
+    from .library import resolve_model
+
+    hosts = read_hosts(args.hosts, args.hostfile)
+    here = memory.memory_budget()
+    # a host of known memory allows what this machine's policy allows of its own
+    budgets = [here if gb is None else int(gb * 2**30 * here / memory.total_memory()) for _, gb in hosts]
+    path = resolve_model(args.model)
+    names = [name for name, _ in hosts]
+    parts = split_sizing(path, names, budgets, args.parallel, kv_bits=args.kv_bits, yarn=parse_yarn(args.rope_scaling))
+    limit, trained = parts[0][1].limit, parts[0][1].trained
+    context = args.context or limit
+    out = console()
+    if context > limit:
+        out.print(f"past the {limit:,} tokens this model handles; {yarn_hint(context, trained)}", style="red")
+        return 1
+    out.print(f"{path} on MLX across {len(hosts)} hosts ({args.parallel}) with {context:,} tokens of context")
+    table = Table("host", "holds", "weights", "K/V + state", "total", "allows", "sends per token", "")
+    fits = True
+    for (part, plan), budget in zip(parts, budgets, strict=True):
+        estimate = plan.estimate(context, budget=budget)
+        fits = fits and estimate.fits
+        table.add_row(
+            part.host,
+            part.what,
+            format_size(estimate.weights, binary=True),
+            format_size(estimate.kv_cache + estimate.recurrent_state, binary=True),
+            format_size(estimate.total, binary=True),
+            format_size(budget, binary=True),
+            format_size(part.sent, binary=True),
+            "fits" if estimate.fits else "does not fit",
+        )
+    out.print(table)
+    out.print("fits on every host" if fits else "does not fit on every host", style="green" if fits else "red")
+    return 0 if fits else 1

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import read_config, read_weights
 from .config import ModelConfig, Yarn, parse_config, with_yarn
+from .distributed import Placement
 from .errors import ModelLoadError
 from .models import build_model, fuse
 
@@ -129,11 +130,13 @@ def load_model(
     yarn: Yarn | None = None,
     mtp: bool | str | Path = False,
     fused: bool = True,
+    placement: Placement | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
     """A checkpoint directory as a model and its config. yarn: YaRN context extension. mtp: also
     Qwen3.5's multi-token-prediction head (see `_mtp_weights`); `model.mtp` holds it when loaded.
     fused: projections of the same input computed as one (`models.fuse`), for speed; False keeps
-    the module tree, and so the parameter names, of the checkpoint (mlx-lm's)."""
+    the module tree, and so the parameter names, of the checkpoint (mlx-lm's). placement: only
+    this rank's part of the model (see `mlxqwen.distributed`)."""
     path = Path(path).expanduser()
     cfg = _config(path, yarn)
     raw, origin = read_weights(path)
@@ -146,9 +149,13 @@ def load_model(
         log.warning("%s: the checkpoint's MTP head is incomplete; loading the model without it", path)
         model = build_model(cfg)
         weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    if placement is not None:
+        weights = placement.select(model, weights)
     _quantize_for(model, cfg, weights)
     check_weights(model, weights, origin, path)
     model.load_weights(list(cast_weights(weights, dtype or default_dtype()).items()))
+    if placement is not None:
+        placement.shard(model)  # before fusing: the sharded layers are the checkpoint's
     if fused:
         fuse(model)
     model.eval()

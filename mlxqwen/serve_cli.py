@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
+from . import distributed
 from .cli import error, note
 from .generate_cli import add_context_options, load_options, number_arg
 
@@ -73,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         k: v for k, v in (("max_concurrent", args.max_concurrent), ("max_queue", args.max_queue)) if v is not None
     }
     loader = functools.partial(load, **load_options(args), **engine)
+    split = distributed.group() is not None  # one of the processes of mlx.launch
+    if split:
+        if len(models) != 1:
+            return error("serve", "under mlx.launch, serve one MODEL: every process loads its part of it")
+        if distributed.rank() > 0:
+            loader(models[0].path)  # makes rank 0's calls on this process's part, then ends the process
+        keep_alive = None
 
     log_to_stderr()
     try:
@@ -90,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             f"listening on {args.host} without --api-key: anyone who can reach this machine can use its models",
             "warning",
         )
-    pool = ModelPool(models or None, keep_alive=keep_alive, load=loader)
+
+    pool = (_kept(ModelPool) if split else ModelPool)(models or None, keep_alive=keep_alive, load=loader)
     app = create_app(
         pool,
         api_key=args.api_key,
@@ -104,3 +113,13 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _kept(pool: type) -> type:
+    class Kept(pool):
+        """The model split across mlx.launch's processes stays loaded: the others end with it."""
+
+        def unload(self, name: str) -> bool:
+            return False
+
+    return Kept

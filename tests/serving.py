@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,13 +36,18 @@ class Server:
 @contextlib.contextmanager
 def running(argv: list[str], log: Path, env: dict[str, str] | None = None, lifetime: float = 900) -> Iterator[Server]:
     """Start `argv` (with {port} filled in), wait until it answers GET /api/version, yield it;
-    kill it after `lifetime` seconds whatever happens."""
+    kill it after `lifetime` seconds whatever happens. It runs in a process group of its own, which
+    is ended with it (a launcher's processes too)."""
     port = free_port()
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [a.format(port=port) for a in argv], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            [a.format(port=port) for a in argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
-    killer = threading.Timer(lifetime, process.kill)
+    killer = threading.Timer(lifetime, _signal_group, (process, signal.SIGKILL))
     killer.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,12 +63,18 @@ def running(argv: list[str], log: Path, env: dict[str, str] | None = None, lifet
         yield Server(url, process, log)
     finally:
         killer.cancel()
-        process.terminate()
+        _signal_group(process, signal.SIGTERM)
         try:
             process.wait(15)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            pass
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
 
 
 def serve_command(*args: str) -> list[str]:

@@ -176,6 +176,7 @@ def test_serve_loads_models_with_the_options_given(monkeypatch):
         "kv_bits": 8,
         "rope_scaling": None,
         "mtp": False,
+        "parallel": "pipeline",
         "max_queue": 0,
     }
 

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import platform
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def load(
     prefix_cache_dir: str | Path | bool | None = None,
     mtp: bool | str | Path = "auto",
     mtp_depth: int | None = None,
+    parallel: str = "pipeline",
 ) -> LLM:
     """Load a model: a Hugging Face or MLX-quantized Qwen checkpoint directory, a GGUF file, or
     the name of a local model as `mlxqwen list` shows it ("mlxqwen-demo").
@@ -136,6 +138,10 @@ def load(
         "auto" when the checkpoint has one, True (an error if not), False, or the path of a
         head shipped apart. mtp_depth: tokens it guesses per step, 0 to 3 (default: the number
         that pays, measured as it runs; 0 where guessing costs more than it saves).
+    parallel: inside `mlx.launch` with several processes (see `mlxqwen.distributed`), how the
+        model is split across them: "pipeline" (layers) or "tensor" (heads and columns of every
+        layer). There, the MTP head and the prefix cache's disk tier are off; only rank 0 returns
+        from `load`: the others make its calls on their part of the model, then end the process.
     """
     if mtp_depth is not None and not 0 <= mtp_depth <= MAX_DEPTH:
         raise ValueError(f"mtp_depth={mtp_depth}: choose 0 to {MAX_DEPTH}")
@@ -149,7 +155,12 @@ def load(
     else:
         from . import mlx
 
-        runtime = mlx.load(choice.path, dtype=dtype, lazy=lazy, mtp=mtp, **options)
+        runtime = mlx.load(choice.path, dtype=dtype, lazy=lazy, mtp=mtp, parallel=parallel, **options)
+        if isinstance(runtime, mlx.DistributedRuntime):
+            if runtime.placement.rank > 0:  # this process makes rank 0's calls on its part, then ends
+                runtime.follow()
+                sys.exit(0)
+            prefix_cache_dir = None  # a file would hold rank 0's part of a state only
     if prefix_cache is True:
         prefix_cache = min(4 << 30, memory_budget() // 8)
     if prefix_cache_dir is True:

@@ -12,6 +12,11 @@ waits stays small."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import threading
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import memory
+from .. import distributed, memory
 from ..cache import KVBatch, KVCache, LinearAttentionCache, QuantizedKVCache
 from ..checkpoint import has_weights, read_json
 from ..config import ModelConfig, Yarn, parse_yarn
@@ -298,6 +303,136 @@ class MLXRuntime(Runtime):
         self._batch, self._batch_caches = [], []
 
 
+# what rank 0 tells the other ranks to do (`DistributedRuntime`)
+_NEW, _RELEASE, _PREFILL, _DECODE, _SNAPSHOT, _RESTORE, _SETTLE, _STOP = range(8)
+
+
+class DistributedRuntime(MLXRuntime):
+    """One rank of a model split across processes (`mlxqwen.distributed`). Rank 0 runs the engine:
+    each call that computes or changes state is told to the other ranks first (`Placement.tell`),
+    which make the same call on their part of the model (`follow`), so the engine, its sampling and
+    its prefix cache are rank 0's alone. Sequences and snapshots are known to the others by number.
+    Steps are evaluated at once, under the placement's watchdog. No MTP head: it would need its own
+    split."""
+
+    def __init__(self, *args, placement: distributed.Placement, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.placement = placement
+        self.identity["rank"] = f"{placement.parallel} {placement.rank}/{placement.size}"
+        self._numbers = itertools.count()
+        self._dropped: deque[int] = deque()  # snapshots rank 0 no longer holds, yet to tell (from any thread)
+        self._stopped = False
+        self._lock = threading.Lock()
+        if placement.rank == 0:
+            atexit.register(self._end)
+
+    # --- rank 0 -------------------------------------------------------------------------
+    # A call is told, then made, under a lock: the engine's thread and the one that ends the process
+    # (`close` at exit) must not interleave their messages.
+
+    def _tell(self, op: int, *numbers: int) -> None:
+        if self._stopped:
+            raise RuntimeError("the model's other ranks have stopped")
+        dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
+        self.placement.tell([op, len(dropped), *dropped, *numbers])
+
+    def new_sequence(self) -> _Sequence:
+        with self._lock:
+            seq = super().new_sequence()
+            seq.number = next(self._numbers)
+            self._tell(_NEW, seq.number)
+            return seq
+
+    def release(self, seq: _Sequence) -> None:
+        with self._lock:
+            self._tell(_RELEASE, seq.number)
+            super().release(seq)
+
+    def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        with self._lock:
+            self._tell(_PREFILL, seq.number, *tokens)
+            self._prefill(seq, tokens)
+
+    def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        with self._lock:
+            self._tell(_DECODE, *(s.number for s in seqs), *tokens.tolist())
+            return self._decode(seqs, tokens)
+
+    def snapshot(self, seq: _Sequence) -> _Snapshot:
+        with self._lock:
+            snapshot = super().snapshot(seq)
+            snapshot.number = next(self._numbers)
+            self._tell(_SNAPSHOT, seq.number, snapshot.number)
+        # when rank 0 lets go of it (not at exit, while the engine may still restore it)
+        weakref.finalize(snapshot, self._dropped.append, snapshot.number).atexit = False
+        return snapshot
+
+    def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
+        with self._lock:
+            self._tell(_RESTORE, seq.number, snapshot.number, length)
+            super().restore(seq, snapshot, length)
+
+    def settle(self) -> None:
+        with self._lock:
+            self._tell(_SETTLE)
+            super().settle()
+
+    def _end(self) -> None:
+        # registered after the engine's own exit hook, so run before it: let the engines stop first
+        from ..engine import _settle
+
+        _settle()
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.placement.rank == 0 and not self._stopped:
+                self._tell(_STOP)
+                self._stopped = True
+
+    # --- every rank ---------------------------------------------------------------------
+
+    def _prefill(self, seq: _Sequence, tokens: list[int]) -> None:
+        if seq in self._batch:
+            self._unbatch()
+        hidden = self.model.hidden(mx.array([tokens]), cache=seq.caches)
+        self.placement.evaluate([hidden] + [c.state for c in seq.caches], "reading a prompt")
+        mx.clear_cache()
+        seq.length += len(tokens)
+
+    def _decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
+        hidden = self.model.hidden(tokens[:, None], cache=self._caches(seqs))
+        for seq in seqs:
+            seq.length += 1
+        return self.placement.evaluate(self.placement.logits(self.model, hidden[:, -1]), "decoding")
+
+    def follow(self) -> None:
+        """The other ranks' life: make rank 0's calls, until it stops."""
+        held: dict[int, Any] = {}  # sequences and snapshots by number
+        while True:
+            op, n, *rest = self.placement.hear()
+            for number in rest[:n]:
+                held.pop(number, None)
+            args = rest[n:]
+            if op == _STOP:
+                return
+            if op == _NEW:
+                held[args[0]] = MLXRuntime.new_sequence(self)
+            elif op == _RELEASE:
+                MLXRuntime.release(self, held.pop(args[0]))
+            elif op == _PREFILL:
+                self._prefill(held[args[0]], args[1:])
+            elif op == _DECODE:
+                batch = len(args) // 2
+                self._decode([held[k] for k in args[:batch]], mx.array(args[batch:]))
+            elif op == _SNAPSHOT:
+                held[args[1]] = MLXRuntime.snapshot(self, held[args[0]])
+            elif op == _RESTORE:
+                MLXRuntime.restore(self, held[args[0]], held[args[1]], args[2])
+            elif op == _SETTLE:
+                MLXRuntime.settle(self)
+
+
 def _arrays(state: tuple) -> list[mx.array]:
     """The arrays of one layer's snapshot (K/V: keys then values, each possibly quantized parts)."""
     out = []
@@ -336,20 +471,31 @@ def load(
     check_memory: bool = True,
     rope_scaling: dict[str, Any] | None = None,
     mtp: bool | str | Path = "auto",
+    parallel: str = "pipeline",
 ) -> MLXRuntime:
-    """A model directory on MLX; see `mlxqwen.load`."""
-    model, config = load_model(path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp)
+    """A model directory on MLX; see `mlxqwen.load`. Inside `mlx.launch` with several processes,
+    this process's part of it (`parallel`: "pipeline" or "tensor", see `mlxqwen.distributed`)."""
+    dtype = dtype or default_dtype()
+    placement = distributed.placement(parallel, dtype)
+    model, config = load_model(
+        path, dtype=dtype, lazy=True, yarn=parse_yarn(rope_scaling), mtp=mtp if placement is None else False,
+        placement=placement,
+    )  # fmt: skip
     generation_config = read_json(path / "generation_config.json")
     tokenizer = Tokenizer.from_dir(path, generation_config)
-    dtype = dtype or default_dtype()
-    plan = model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+    held = config if placement is None else placement.rank_config(config)
+    plan = model_sizing(model, held, dtype=dtype, kv_bits=kv_bits)
     max_context = memory.choose_context(plan, requested=max_context, check_memory=check_memory, where=str(path))
-    if not lazy:
+    if not lazy or placement is not None:  # a rank reads its part now, as its peers do
         mx.eval(model.parameters())
     defaults = GenerationOptions(**recommended_sampling(generation_config))
     # the requests running together share the K/V that the longest conversation that fits would hold
     capacity = max(memory.largest_context(plan), max_context) if check_memory else 1 << 40
-    return MLXRuntime(model, tokenizer, config, path, defaults, max_context, capacity, dtype, kv_bits)
+    args = (model, tokenizer, config, path, defaults)
+    if placement is None:
+        return MLXRuntime(*args, max_context, capacity, dtype, kv_bits)
+    max_context, capacity = placement.agree([max_context, capacity])  # what every rank has room for
+    return DistributedRuntime(*args, max_context, capacity, dtype, kv_bits, placement=placement)
 
 
 def model_sizing(
@@ -367,8 +513,32 @@ def sizing(
 ) -> memory.Sizing:
     """The memory policy's view of the model in `path` as `load` runs it, reading no weight: from
     the checkpoint's tensor headers, or from config.json alone when the weights are not there yet."""
-    if has_weights(path):
-        model, config = load_model(path, dtype=dtype, lazy=True, yarn=yarn)
-    else:
-        model, config = model_from_config(path, dtype=dtype, yarn=yarn)
+    model, config = _unread(path, dtype, yarn)
     return model_sizing(model, config, dtype=dtype, kv_bits=kv_bits)
+
+
+def split_sizing(
+    path: Path,
+    hosts: list[str],
+    budgets: list[int],
+    parallel: str,
+    *,
+    dtype: mx.Dtype | None = None,
+    kv_bits: int | None = None,
+    yarn: Yarn | None = None,
+) -> list[tuple[distributed.Part, memory.Sizing]]:
+    """What each host would hold of the model in `path` split across `hosts` (whose memory budgets
+    are `budgets`), and the memory policy's view of it there, reading no weight."""
+    model, config = _unread(path, dtype, yarn)
+    dtype = dtype or default_dtype()
+    parts = distributed.plan(model, config, hosts, budgets, parallel, dtype)
+    options = dict(dtype=dtype, kv_bits=kv_bits, prefill_chunk=MLXRuntime.prefill_chunk)
+    return [(part, memory.mlx_sizing(part.config, weights=part.weights, **options)) for part in parts]
+
+
+def _unread(path: Path, dtype: mx.Dtype | None, yarn: Yarn | None) -> tuple[nn.Module, ModelConfig]:
+    """The model as `load` builds it, from the checkpoint's tensor headers, or from config.json alone
+    when the weights are not there yet; no weight is read."""
+    if has_weights(path):
+        return load_model(path, dtype=dtype, lazy=True, yarn=yarn)
+    return model_from_config(path, dtype=dtype, yarn=yarn)

@@ -90,12 +90,15 @@ class QwenModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.hidden_size = cfg.hidden_size
+        self.pipeline = None  # this rank's stage when the layers are split across processes (`distributed`)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(tokens)
+        stage = self.pipeline
+        h = self.embed_tokens(tokens) if stage is None else stage.receive(tokens, self, self.hidden_size)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers), strict=True):
             h = layer(h, c)
-        return self.norm(h)
+        return self.norm(h) if stage is None else stage.send(h, self)
 
 
 class CausalLM(nn.Module):

@@ -115,6 +115,7 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.sum_over = None  # the group whose ranks each hold a part of the experts (`distributed.Tensor`)
 
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
@@ -128,6 +129,8 @@ class SparseMoeBlock(nn.Module):
         y = (self.switch_mlp(x, indices) * scores[..., None].astype(x.dtype)).sum(axis=1)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.sum_over is not None:
+            y = mx.distributed.all_sum(y, group=self.sum_over)
         return y.reshape(shape)
 
 
