@@ -117,11 +117,13 @@ class DepthChooser:
             return untried[0]
         seconds = {d: min(self.times[d, batch]) for d in depths}
         best = max(depths, key=lambda d: self.expected(d) / seconds[d])
-        stale = min((d for d in depths if d != best), key=lambda d: self.measured[d, batch])
-        extra = seconds[stale] / seconds[best] - 1  # what a probe costs, in steps at the best depth
-        if self.steps - self.probed >= max(self.probe, extra / self.probe_share):
-            self.probed = self.steps
-            return stale
+        since = self.steps - self.probed
+        if since >= self.probe:
+            stale = min((d for d in depths if d != best), key=lambda d: self.measured[d, batch])
+            extra = seconds[stale] / seconds[best] - 1  # what a probe costs, in steps at the best depth
+            if since >= extra / self.probe_share:
+                self.probed = self.steps
+                return stale
         return best
 
     def record(self, depth: int, batch: int, seconds: float, kept: list[int] = ()) -> None:
