@@ -267,7 +267,14 @@ def output_config(raw: dict[str, Any], quantization: dict | None, vision: bool, 
 def _add_transformers4_fields(text: dict[str, Any]) -> None:
     """transformers 5 writes `rope_parameters` and `num_local_experts`; mlx-lm's qwen2 and
     qwen3_moe read only `rope_theta` / `rope_scaling` / `num_experts` (qwen2 silently falls back
-    to its own theta). Write both forms."""
+    to its own theta). Write both forms. mlx-lm's qwen3_5 places attention layers by
+    `full_attention_interval` alone (default 4), which transformers 5 leaves out when it writes
+    `layer_types`: derive it where the layer types are periodic."""
+    types = text.get("layer_types")
+    if types and "full_attention_interval" not in text and "full_attention" in types:
+        interval = types.index("full_attention") + 1
+        if all((t == "full_attention") == ((i + 1) % interval == 0) for i, t in enumerate(types)):
+            text["full_attention_interval"] = interval
     if "num_local_experts" in text and "num_experts" not in text:
         text["num_experts"] = text["num_local_experts"]
     params = text.get("rope_parameters")

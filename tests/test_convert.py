@@ -142,6 +142,17 @@ def test_tensors_exact_and_both_loaders_agree(tmp_path, arch):
     assert result.bits_per_weight == pytest.approx(8 * result.size_bytes / sum(v.size for v in expected.values()))
 
 
+def test_attention_every_third_layer_loads_in_mlx_lm(tmp_path):
+    """The demo's layout: transformers 5 writes only `layer_types`, mlx-lm reads only the interval."""
+    types = ["linear_attention", "linear_attention", "full_attention"] * 2
+    _, src = hf_checkpoint("qwen3_5_text", tmp_path / "hf", num_hidden_layers=6, layer_types=types)
+    out = tmp_path / "out"
+    convert(src, out, recipe="4bit", group_size=32)
+    assert json.loads((out / "config.json").read_text())["text_config"]["full_attention_interval"] == 3
+    mlx_lm = pytest.importorskip("mlx_lm")
+    assert rel_err(logits(mlxqwen.load(out, dtype=mx.float32).model), logits(mlx_lm.load(str(out))[0])) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_5_moe_text"])
 def test_8bit_logits_close_to_transformers(tmp_path, arch):
     ref, src = hf_checkpoint(arch, tmp_path / "hf")
