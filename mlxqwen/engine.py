@@ -48,15 +48,48 @@ _log = logging.getLogger("mlxqwen")
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_exiting = False
+
+# Engine threads never end. A thread's end runs MLX's thread-local destructors (its compile cache
+# holds Python functions, so they take the GIL), and a thread that ends while the interpreter shuts
+# down aborts the process ("terminate called without an active exception"). A closed engine's
+# thread waits here for the next engine's loop instead.
+_parked: queue.SimpleQueue[queue.SimpleQueue[Callable[[], None]]] = queue.SimpleQueue()
+_ending = 0  # closed engines whose threads have not yet let go of them
+_released = threading.Condition()
+
+
+def _run_on_engine_thread(loop: Callable[[], None]) -> None:
+    try:
+        inbox = _parked.get_nowait()
+    except queue.Empty:
+        inbox = queue.SimpleQueue()
+        threading.Thread(target=_engine_thread, args=(inbox,), name="mlxqwen-engine", daemon=True).start()
+    inbox.put(loop)
+
+
+def _engine_thread(inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+    global _ending
+    while True:
+        loop = inbox.get()
+        loop()
+        del loop  # the engine, freed here when this was the last reference
+        _parked.put(inbox)
+        with _released:
+            _ending -= 1
+            _released.notify_all()
 
 
 @atexit.register
 def _settle() -> None:
     # The process ending while an engine thread computes aborts it (MLX's streams are torn down
-    # under it): stop their work and wait until they are idle. The threads themselves stay,
-    # blocked: one that ends during the interpreter's shutdown can abort it as well.
+    # under it): stop their work and wait until they are idle, and from now on leave them blocked.
+    global _exiting
+    _exiting = True
     for engine in list(_engines):
         engine._stop_and_wait(timeout=30)
+    with _released:
+        _released.wait_for(lambda: _ending <= 0, timeout=30)
 
 
 @dataclass
@@ -208,7 +241,9 @@ class Engine:
         self.max_queue = max_queue
         self._incoming: list[_Stream] = []
         self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._loop_ended = threading.Event()
+        self._thread: threading.Thread | None = None  # the one running the loop
         self._closing = False
         self._idle = True
         self._stopping = False  # the process is ending: drop what is left
@@ -245,21 +280,27 @@ class Engine:
                     "try again in a moment"
                 )
             self._incoming.append(stream)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mlxqwen-engine", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                _run_on_engine_thread(self._run)
                 _engines.add(self)
             self._lock.notify()
         return handle
 
     def close(self, wait: bool = False) -> None:
-        """Stop the engine thread once the requests in flight are done."""
+        """End the engine's loop once the requests in flight are done (wait: until it has)."""
+        global _ending
+        if _exiting:  # a loop ending now would run into the interpreter's shutdown
+            return
         with self._lock:
+            if self._started and not self._closing:
+                with _released:
+                    _ending += 1
             self._closing = True
             self._lock.notify()
-            thread = self._thread
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
+            started = self._started
+        if wait and started and self._thread is not threading.current_thread():
+            self._loop_ended.wait()
 
     # --- the engine thread ------------------------------------------------------------------
 
@@ -275,27 +316,34 @@ class Engine:
 
     def _run(self) -> None:
         # One thread for the engine's life: MLX arrays are bound to the thread that made them.
-        with mx.stream(_STREAM):
-            while True:
-                with self._lock:
-                    if self._stopping:
-                        self._warm.clear()
-                    self._idle = not (self._incoming or self._waiting or self._active or self._warm)
-                    if self._idle:
-                        self._last_step = None  # the wait is not a step's time
-                        mx.clear_cache()  # MLX keeps freed buffers for reuse; idle, they go back to the system
-                    self._lock.notify_all()
-                    while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
-                        self._lock.wait()
-                    self._idle = False
-                    self._waiting.extend(self._incoming)
-                    self._incoming.clear()
-                    if self._closing and not (self._waiting or self._active or self._warm):
-                        return
-                try:
-                    self._step()
-                except Exception as e:  # the runtime failed: every request in flight gets the error
-                    self._fail(e)
+        self._thread = threading.current_thread()
+        try:
+            with mx.stream(_STREAM):
+                self._loop()
+        finally:
+            self._loop_ended.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    self._warm.clear()
+                self._idle = not (self._incoming or self._waiting or self._active or self._warm)
+                if self._idle:
+                    self._last_step = None  # the wait is not a step's time
+                    mx.clear_cache()  # MLX keeps freed buffers for reuse; idle, they go back to the system
+                self._lock.notify_all()
+                while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
+                    self._lock.wait()
+                self._idle = False
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                if self._closing and not (self._waiting or self._active or self._warm):
+                    return
+            try:
+                self._step()
+            except Exception as e:  # the runtime failed: every request in flight gets the error
+                self._fail(e)
 
     def _step(self) -> None:
         self._admit()

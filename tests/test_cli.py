@@ -58,6 +58,23 @@ def test_names_from_mlxqwen_list_work_in_every_command_and_the_api(env, tmp_path
     assert api.stderr == ""  # the library prints nothing of its own
 
 
+def test_the_process_ends_cleanly_when_a_model_is_dropped_on_the_way_out(env):
+    """A model dropped as the program ends closes its engine; the engine thread once ended during
+    the interpreter's shutdown, and MLX's thread-local compile cache, torn down with it, aborted
+    the process ("terminate called without an active exception", exit status 134)."""
+    question = ["-p", "What is 2 + 3?", "--raw", "--backend", "mlx", "--max-tokens", "8"]
+    generated = run(env, MLXQWEN, "generate", "mlxqwen-demo", *question)
+    assert generated.returncode == 0, generated.stderr
+    script = (
+        "import mlxqwen\n"
+        "def ask():\n"
+        "    return mlxqwen.load('mlxqwen-demo', backend='mlx').generate('What is 2 + 3?', raw=True, max_tokens=8)\n"
+        "print(ask() == ask())\n"
+    )
+    api = run(env, sys.executable, "-c", script)
+    assert (api.returncode, api.stdout, api.stderr) == (0, "True\n", "")
+
+
 def test_every_command_reports_an_error_in_one_line_and_one_format(env, capsys):
     long = "/no/such/place/" + "deep/" * 30 + "[model]"
     for args in (
