@@ -497,6 +497,11 @@ class Engine:
             self.depths.record(depth, batch, now - start, kept)
         constrained = any(s.constraint is not None for s in streams)
         depth = self.depths.choose(len(streams)) if self.runtime.mtp and not constrained else 0
+        if depth and self._last_step is not None and self._last_step[0] == 0:
+            # The head reads what plain steps fed it in one pass: a cost of those steps, not of
+            # this one, whose time says what drafting costs (counted in it, probes looked dearer)
+            self.runtime.catch_up([s.seq for s in streams])
+            now = time.perf_counter()
         kept = self._speculative_step(streams, depth) if depth else self._plain_step(streams)
         self._last_step = (depth, len(streams), now, kept)
 

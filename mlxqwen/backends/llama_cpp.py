@@ -219,12 +219,12 @@ class LlamaCppRuntime(Runtime):
 
     def prefill(self, seq: _Sequence, tokens: list[int]) -> None:
         self._decode([(seq, tokens)], logits=False)
-        self._catch_up([seq])
+        self.catch_up([seq])
 
     def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         ids = tokens.tolist()  # waits for the engine's draws
         logits = self._decode([(seq, [t]) for seq, t in zip(seqs, ids, strict=True)], logits=True)[:, 0]
-        self._catch_up([seq for seq in seqs if len(seq.unread) >= PREFILL_CHUNK])  # while nothing drafts
+        self.catch_up([seq for seq in seqs if len(seq.unread) >= PREFILL_CHUNK])  # while nothing drafts
         return logits
 
     def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
@@ -271,7 +271,7 @@ class LlamaCppRuntime(Runtime):
     def snapshot(self, seq: _Sequence) -> _Snapshot:
         if not self.head:
             return _Snapshot(_copy_state(self.ctx, seq.slot), seq.length)
-        self._catch_up([seq])
+        self.catch_up([seq])
         return _Snapshot(_copy_state(self.ctx, seq.slot), seq.length, _copy_state(self.head, seq.slot), seq.hidden)
 
     def restore(self, seq: _Sequence, snapshot: _Snapshot, length: int) -> None:
@@ -367,7 +367,7 @@ class LlamaCppRuntime(Runtime):
             seq.unread.clear()
         return rows
 
-    def _catch_up(self, seqs: Sequence[_Sequence]) -> None:
+    def catch_up(self, seqs: Sequence[_Sequence]) -> None:
         if self.head and seqs:
             self._head_decode(self._unread(seqs))
 

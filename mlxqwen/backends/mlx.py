@@ -175,6 +175,10 @@ class MLXRuntime(Runtime):
             seq.head_cache.commit(depth - 1, 0)
         return mx.stack(guesses, axis=1)
 
+    def catch_up(self, seqs: Sequence[_Sequence]) -> None:
+        if self.mtp and self._read_pairs(seqs) is not None:
+            mx.eval([seq.head_cache.state for seq in seqs])
+
     def _pairs(self, seq: _Sequence, hidden: mx.array | None, tokens: mx.array) -> None:
         """Record a forward pass of `tokens` (a 1-D array) that gave `hidden` [1, T, H] (None: not fed
         yet): each token completes the pair of the hidden state before it."""

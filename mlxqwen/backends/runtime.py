@@ -76,6 +76,10 @@ class Runtime(ABC):
         head keeps its own state per sequence, up to date with what `verify`/`commit` kept)."""
         raise NotImplementedError(f"{self.name} has no MTP head loaded")
 
+    def catch_up(self, seqs: Sequence[Any]) -> None:  # noqa: B027 (nothing to read without a head)
+        """Let the MTP head read now what `seqs` were fed since it last read (steps that drafted
+        nothing), so that the next `draft` reads only the newest token."""
+
     @abstractmethod
     def snapshot(self, seq: Any) -> Any:
         """The state of `seq` now, independent of what `seq` does next."""
