@@ -9,7 +9,15 @@ held-out text (the quality report's text, never calibrated on), for
 - GGUF Q4_K_M (llama.cpp's quantizer), without and with our importance matrix (`--imatrix`), when
   llama-cpp-python is installed.
 
-Models (built here, random weights moved off their initial values by `tests/checkpoints.py`):
+Trained models (`--trained DIR`, a Hugging Face directory the demo's trainer wrote, `python -m
+demo.train --no-ship --work W` -> `W/hf`): calibrated on 600 training chats of the demo's task and
+measured on its held-out questions (`demo.data`), both rendered with the model's chat template.
+With `--dwq`, mlx-lm's DWQ runs too (its `dwq_quantize`: 4-bit g64 scales and biases distilled
+against the source on the calibration text, in samples of 256 tokens; learning rate 1e-5, since
+mlx-lm's default 1e-6 hardly moves them in the few dozen steps this much text gives). It trains,
+and off the GPU mlx-lm's Gated DeltaNet runs token by token: over an hour for the demo's size here.
+
+Built models (random weights moved off their initial values by `tests/checkpoints.py`):
 - `random`: Qwen3-shaped, hidden 128, 4 layers, 2 heads of 64, intermediate 384, a byte-level BPE
   of 480 tokens (trained on the report's text, with Qwen's pre-tokenizer);
 - `outliers`: the same with the massive-activation channels real LLMs have, injected: in 4 of the
@@ -20,27 +28,32 @@ Models (built here, random weights moved off their initial values by `tests/chec
   (segfault in llama_decode) on quantized GGUFs of the two models above, while their F32 GGUFs run.
 
     nice -n 10 python benchmarks/bench_quant.py [--workdir DIR] [--models random,outliers,gguf]
+        [--trained HF_DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))  # the demo's trainer (`demo/`) lives beside the package
 from checkpoints import TOKENIZER_DIR as QWEN_TOKENIZER  # noqa: E402
 from checkpoints import build_reference, save_checkpoint  # noqa: E402
 from common import print_table  # noqa: E402
 from mlxqwen.convert import convert  # noqa: E402
-from mlxqwen.convert.calibration import TEXT, calibration_batch  # noqa: E402
+from mlxqwen.convert.calibration import TEXT, calibration_batch, shipped_text  # noqa: E402
 from mlxqwen.convert.quality import Quality, compare  # noqa: E402
 from test_convert import small_tokenizer  # noqa: E402
 
@@ -49,6 +62,16 @@ from mlxqwen.tokenizer import Tokenizer  # noqa: E402
 
 DIMS = dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
 OUTLIER_CHANNELS = 4
+DWQ_LEARNING_RATE = 1e-5
+DWQ_SAMPLE = 256  # tokens per DWQ training sample
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    src: Path
+    text: str  # held out: never calibrated on
+    calibration: Path | None  # None: the shipped chats
 
 
 def build(kind: str, path: Path) -> Path:
@@ -75,6 +98,24 @@ def build(kind: str, path: Path) -> Path:
     return src
 
 
+def trained_case(src: Path, work: Path) -> Case:
+    """A model from the demo's trainer, with its task's chats as calibration and held-out text."""
+    from demo import data
+
+    template = Tokenizer.from_dir(src).chat_template
+
+    def render(example: data.Example, think: bool = True) -> str:
+        reply = {"role": "assistant", "content": example.answer, "reasoning_content": example.thinking if think else ""}
+        messages = [{"role": "user", "content": example.question}, reply]
+        return template.render(messages, add_generation_prompt=False, enable_thinking=think)
+
+    rng = random.Random(0)
+    chats = [data.conversation(rng) for _ in range(600)]
+    calibration = work / f"{src.name}-calibration.txt"
+    calibration.write_text("".join(render(e, think) for turns, _, think in chats for e in turns))
+    return Case(src.name, src, "".join(render(e) for e in data.test_set(8)), calibration)
+
+
 def logits_of(model: nn.Module, tokens: list[int]) -> mx.array:
     logits = model(mx.array([tokens]))[0].astype(mx.float32)
     mx.eval(logits)
@@ -87,8 +128,11 @@ def bits_per_weight(model: nn.Module) -> float:
     return compute_bits_per_weight(model)
 
 
-def mlx_lm_methods(src: Path, target: float, data: mx.array) -> dict[str, tuple[nn.Module | None, str]]:
-    """mlx-lm's learned quantizations of `src` (bf16), or why one did not run."""
+def mlx_lm_methods(
+    bf16: Path, target: float, data: mx.array, dwq_tokens: list[int] | None
+) -> dict[str, tuple[nn.Module | None, str]]:
+    """mlx-lm's learned quantizations of `bf16` (the source converted unquantized, so that mlx-lm
+    reads it whatever its model type), or why one did not run."""
     import copy
 
     from mlx_lm import load
@@ -96,7 +140,7 @@ def mlx_lm_methods(src: Path, target: float, data: mx.array) -> dict[str, tuple[
     from mlx_lm.utils import quantize_model
 
     def fresh():
-        model, _, config = load(str(src), return_config=True)
+        model, _, config = load(str(bf16), return_config=True)
         model.set_dtype(mx.bfloat16)
         return model, config
 
@@ -121,14 +165,47 @@ def mlx_lm_methods(src: Path, target: float, data: mx.array) -> dict[str, tuple[
         out["mlx-lm GPTQ 4-bit g64"] = (quantized, "")
     except Exception as e:
         out["mlx-lm GPTQ 4-bit g64"] = (None, f"{type(e).__name__}: {e}")
-    try:
-        model, _ = fresh()
-        awq.awq_quantize(model, data, awq.AWQ_MODEL_CONFIGS["qwen3"], 64, 4, embed_group_size=64, embed_bits=4)
+    model, config = fresh()
+    if (awq_config := awq.AWQ_MODEL_CONFIGS.get(config["model_type"])) is None:
+        out["mlx-lm AWQ 4-bit g64"] = (None, f"not run: mlx-lm's AWQ has no configuration for {config['model_type']}")
+    else:
+        awq.awq_quantize(model, data, awq_config, 64, 4, embed_group_size=64, embed_bits=4)
         out["mlx-lm AWQ 4-bit g64"] = (model, "")
+    if dwq_tokens is None:
+        out["mlx-lm DWQ 4-bit g64"] = (None, "not run (--dwq runs it): it trains, over an hour here")
+        return out
+    try:
+        out["mlx-lm DWQ 4-bit g64"] = (dwq(fresh, dwq_tokens), "")
     except Exception as e:
-        out["mlx-lm AWQ 4-bit g64"] = (None, f"{type(e).__name__}: {e}")
-    out["mlx-lm DWQ"] = (None, "not run: it distils scales by training against the source (many optimizer steps)")
+        out["mlx-lm DWQ 4-bit g64"] = (None, f"{type(e).__name__}: {e}")
     return out
+
+
+def dwq(fresh, tokens: list[int]) -> nn.Module:
+    """mlx-lm's DWQ as its `mlx_lm.dwq` runs it (Adam, temperature 2, targets from the source),
+    on samples of the calibration text, a tenth of them for validation."""
+    import copy
+
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import quantize_model
+
+    source, config = fresh()
+    student = copy.deepcopy(source)
+    quantize_model(student, config, 64, 4)
+    samples = [(tokens[i : i + DWQ_SAMPLE + 1], 0) for i in range(0, len(tokens) - DWQ_SAMPLE, DWQ_SAMPLE)]
+    valid = max(4, len(samples) // 10)
+    dwq_quantize(
+        student,
+        lambda batch, _, split: source(batch),
+        optim.Adam(learning_rate=DWQ_LEARNING_RATE, bias_correction=True),
+        samples[valid:],
+        samples[:valid],
+        batch_size=4,
+        max_seq_length=DWQ_SAMPLE + 1,
+        seed=0,
+    )
+    return student
 
 
 def gguf_rows(src: Path, work: Path, tokens: list[int], reference: mx.array) -> list[list]:
@@ -154,10 +231,11 @@ def _cells(q: Quality) -> list[str]:
     return [f"{q.kl:.5f}", f"{q.top1:.1%}", f"{q.ppl_converted:.2f}"]
 
 
-def run(kind: str, work: Path) -> tuple[list[list], dict]:
-    src = build(kind, work / f"{kind}-hf")
-    tokens = Tokenizer.from_dir(src).encode(TEXT)  # held out: calibration uses the shipped chats
-    source = mlxqwen.load(src, dtype=mx.float32).model
+def run(case: Case, work: Path, dwq: bool = False) -> tuple[list[list], dict]:
+    kind, src = case.label, case.src
+    tokens = Tokenizer.from_dir(src).encode(case.text)
+    loaded = mlxqwen.load(src, dtype=mx.float32)
+    source = loaded.model
     reference = logits_of(source, tokens)
     rows, results = [], {}
 
@@ -167,7 +245,7 @@ def run(kind: str, work: Path) -> tuple[list[list], dict]:
         results[name] = {"bpw": bpw, "kl": q.kl, "top1": q.top1, "ppl": q.ppl_converted, "seconds": seconds}
         rows.append([name, f"{bpw:.3f}", *_cells(q), f"{seconds:.0f} s"])
 
-    if kind == "gguf":
+    if kind == "gguf" and case.calibration is None:
         for row in gguf_rows(src, work, tokens, reference):
             rows.append(row)
             results[row[0]] = row[1:5]
@@ -183,12 +261,22 @@ def run(kind: str, work: Path) -> tuple[list[list], dict]:
     for rounding in ("nearest", "activation"):
         start = time.perf_counter()
         out = work / f"{kind}-{rounding}"
-        convert(src, out, target_bpw=round(target - 5e-4, 3), dtype="bfloat16", rounding=rounding)
+        convert(
+            src,
+            out,
+            target_bpw=round(target - 5e-4, 3),
+            dtype="bfloat16",
+            rounding=rounding,
+            calibration=case.calibration and str(case.calibration),
+        )
         model = mlx_lm_load(str(out))[0]
         add(f"ours --target-bpw, {rounding} rounding", model, bits_per_weight(model), time.perf_counter() - start)
 
-    data = calibration_batch(src, 512)
-    for name, (model, why) in mlx_lm_methods(src, target, data).items():
+    data = calibration_batch(src, loaded.config.vocab_size, case.calibration)
+    bf16 = convert(src, work / f"{kind}-bf16", recipe="none", dtype="bfloat16").output
+    calibration = case.calibration.read_text() if case.calibration else shipped_text(Tokenizer.from_dir(src))
+    dwq_tokens = Tokenizer.from_dir(src).encode(calibration) if dwq else None
+    for name, (model, why) in mlx_lm_methods(bf16, target, data, dwq_tokens).items():
         if model is None:
             rows.append([name, "-", "-", "-", "-", why])
         else:
@@ -204,15 +292,19 @@ def _ppl(reference: mx.array, tokens: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--models", default="random,outliers,gguf")
+    parser.add_argument("--models", default="random,outliers,gguf", help="built models; '' for none")
+    parser.add_argument("--trained", type=Path, nargs="*", default=[], help="demo-trainer HF directories")
+    parser.add_argument("--dwq", action="store_true", help="also run mlx-lm's DWQ (it trains: slow on a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_quant-", dir=args.workdir))
     rows, results = [], {}
     try:
-        for kind in args.models.split(","):
-            kind_rows, results[kind] = run(kind, work)
-            rows += kind_rows
+        cases = [Case(kind, build(kind, work / f"{kind}-hf"), TEXT, None) for kind in args.models.split(",") if kind]
+        cases += [trained_case(src, work) for src in args.trained]
+        for case in cases:
+            case_rows, results[case.label] = run(case, work, args.dwq)
+            rows += case_rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
     columns = ["method", "bits/weight", "KL (nats/token)", "top-1", "perplexity", "note / time"]

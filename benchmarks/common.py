@@ -105,4 +105,7 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
         table.add_column(c, justify="right" if c != columns[0] else "left")
     for r in rows:
         table.add_row(*[f"{x:.2f}" if isinstance(x, float) else str(x) for x in r])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: whole rows, not wrapped at 80 columns
+        console.width = 240
+    console.print(table)
