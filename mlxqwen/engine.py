@@ -534,6 +534,8 @@ class Engine:
         drafts: list[list[mx.array]] = [[] for _ in streams]
 
         def pick(logits: mx.array) -> mx.array:
+            if all(s.sampler.greedy for s in streams):  # the argmax: no distribution to keep for acceptance
+                return mx.argmax(logits, axis=-1)
             guesses = []
             for i, stream in enumerate(streams):
                 drafts[i].append(stream.sampler.distribution(logits[i]))

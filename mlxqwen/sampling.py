@@ -134,6 +134,11 @@ class Sampler:
         p = self.params
         return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether a draw is the argmax of the logits as they come (temperature 0, no penalty)."""
+        return self.params.temperature == 0 and not self.penalized
+
     def _penalize(self, logits: mx.array) -> mx.array:
         p = self.params
         vocab = logits.shape[-1]

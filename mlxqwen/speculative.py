@@ -30,15 +30,15 @@ def accept(sampler: Sampler, logits: mx.array, guesses: list[int], drafts: list[
     """The tokens that follow, given the model's logits [k+1, vocab] over the next token and the k
     `guesses`, and the distributions `drafts` they were drawn from. Returns the accepted guesses
     plus one more token, and how many guesses were accepted; the sampler records them."""
+    k = len(guesses)
+    if sampler.greedy:  # a guess is kept when it is the model's argmax
+        best = mx.argmax(logits, axis=-1).tolist()
+        n = next((j for j in range(k) if guesses[j] != best[j]), k)
+        return guesses[:n] + [best[n]], n
     if sampler.penalized:  # each position's distribution depends on the guesses kept before it
         return _accept_in_turn(sampler, logits, guesses, drafts)
     # Otherwise every test is decided in one evaluation (each one apart is a sync with the device).
-    k = len(guesses)
     p = [sampler.distribution(logits[j]) for j in range(k + 1)]
-    if sampler.params.temperature == 0:
-        best = mx.argmax(mx.stack(p), axis=-1).tolist()
-        n = next((j for j in range(k) if guesses[j] != best[j]), k)
-        return guesses[:n] + [best[n]], n
     ids = mx.array(guesses)
     u = mx.stack([sampler.uniform() for _ in range(k)])
     kept = u * mx.stack(drafts)[mx.arange(k), ids] <= mx.stack(p[:k])[mx.arange(k), ids]
