@@ -6,8 +6,12 @@ held-out text (the quality report's text, never calibrated on), for
 - ours at B (`--target-bpw B`), with plain round-to-nearest and with activation-aware rounding;
 - mlx-lm's dynamic_quant at B (3-bit and 5-bit, group 64, split by its own sensitivities), GPTQ and
   AWQ (4-bit, group 64: B), all calibrated on the same text as ours (mlxqwen's shipped chats);
-- GGUF Q4_K_M (llama.cpp's quantizer), without and with our importance matrix (`--imatrix`), when
-  llama-cpp-python is installed.
+- GGUF Q4_K_M (llama.cpp's quantizer), without and with our importance matrix (`--imatrix`, from the
+  same calibration text as ours), run by llama.cpp on the same held-out text, when llama-cpp-python
+  is installed. Its bits per weight are those of its tensors (weights, scales, norms; not the
+  tokenizer) and differ from B: llama.cpp keeps some matrices in 6 bits (Q6_K), and a matrix whose
+  rows are not a multiple of 256 (every one of the 128-wide models) falls back to Q5_0 or Q8_0; the
+  note names the types llama.cpp chose.
 
 Trained models (`--trained DIR`, a Hugging Face directory the demo's trainer wrote, `python -m
 demo.train --no-ship --work W` -> `W/hf`): calibrated on 600 training chats of the demo's task and
@@ -17,18 +21,20 @@ against the source on the calibration text, in samples of 256 tokens; learning r
 mlx-lm's default 1e-6 hardly moves them in the few dozen steps this much text gives). It trains,
 and off the GPU mlx-lm's Gated DeltaNet runs token by token: over an hour for the demo's size here.
 
-Built models (random weights moved off their initial values by `tests/checkpoints.py`):
-- `random`: Qwen3-shaped, hidden 128, 4 layers, 2 heads of 64, intermediate 384, a byte-level BPE
-  of 480 tokens (trained on the report's text, with Qwen's pre-tokenizer);
+Built models (random weights moved off their initial values by `tests/checkpoints.py`), each
+with a byte-level BPE of 480 tokens (trained on the report's text, with Qwen's pre-tokenizer, which
+llama.cpp recognises):
+- `random`: Qwen3-shaped, hidden 128, 4 layers, 2 heads of 64, intermediate 384;
 - `outliers`: the same with the massive-activation channels real LLMs have, injected: in 4 of the
   128 hidden channels the embedding columns are scaled by 20 and every RMSNorm weight by 10, so
   those channels of the residual stream and of every projection's input are 10-200x the others;
-- `gguf`: GGUF rows only, on a Qwen3 of the shape the GGUF tests run (hidden 256, intermediate 512,
-  4 heads of 16, Qwen's own tokenizer, vocabulary 151936): llama-cpp-python 0.3.36 crashes
-  (segfault in llama_decode) on quantized GGUFs of the two models above, while their F32 GGUFs run.
+- `random-256`, `outliers-256`: the same at hidden 256, 4 heads of 64, intermediate 768, the
+  nearest shape whose every matrix llama.cpp quantizes to K-quants (rows a multiple of 256).
 
-    nice -n 10 python benchmarks/bench_quant.py [--workdir DIR] [--models random,outliers,gguf]
-        [--trained HF_DIR ...]
+On a 2-core machine each 128-wide model takes about 10 minutes, each 256-wide one about 20.
+
+    nice -n 10 python benchmarks/bench_quant.py [--workdir DIR] [--models random,outliers,random-256,outliers-256]
+        [--trained HF_DIR ...] [--dwq]
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ import mlx.nn as nn
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(1, str(ROOT))  # the demo's trainer (`demo/`) lives beside the package
-from checkpoints import TOKENIZER_DIR as QWEN_TOKENIZER  # noqa: E402
 from checkpoints import build_reference, save_checkpoint  # noqa: E402
 from common import print_table  # noqa: E402
 from mlxqwen.convert import convert  # noqa: E402
@@ -61,6 +66,8 @@ import mlxqwen  # noqa: E402
 from mlxqwen.tokenizer import Tokenizer  # noqa: E402
 
 DIMS = dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+WIDE = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+KINDS = {"random": (DIMS, False), "outliers": (DIMS, True), "random-256": (WIDE, False), "outliers-256": (WIDE, True)}
 OUTLIER_CHANNELS = 4
 DWQ_LEARNING_RATE = 1e-5
 DWQ_SAMPLE = 256  # tokens per DWQ training sample
@@ -75,26 +82,19 @@ class Case:
 
 
 def build(kind: str, path: Path) -> Path:
-    if kind == "gguf":
-        return save_checkpoint(
-            build_reference("qwen3", vocab_size=151936, hidden_size=256, intermediate_size=512), path
-        )
-    ref = build_reference("qwen3", **DIMS)
-    if kind == "outliers":
+    dims, outliers = KINDS[kind]
+    ref = build_reference("qwen3", **dims)
+    if outliers:
         import torch
 
-        channels = torch.randperm(DIMS["hidden_size"], generator=torch.Generator().manual_seed(0))[:OUTLIER_CHANNELS]
+        channels = torch.randperm(dims["hidden_size"], generator=torch.Generator().manual_seed(0))[:OUTLIER_CHANNELS]
         with torch.no_grad():
             ref.model.embed_tokens.weight[:, channels] *= 20
             for name, param in ref.named_parameters():
                 if name.endswith("layernorm.weight") or name == "model.norm.weight":
                     param[channels] *= 10
     src = save_checkpoint(ref, path)
-    small_tokenizer(src)
-    # Qwen's pre-tokenizer, so that llama.cpp recognises the tokenizer (GGUF rows)
-    tokenizer = json.loads((src / "tokenizer.json").read_text())
-    tokenizer["pre_tokenizer"] = json.loads((QWEN_TOKENIZER / "tokenizer.json").read_text())["pre_tokenizer"]
-    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    small_tokenizer(src, qwen_pre_tokenizer=True)
     return src
 
 
@@ -208,23 +208,32 @@ def dwq(fresh, tokens: list[int]) -> nn.Module:
     return student
 
 
-def gguf_rows(src: Path, work: Path, tokens: list[int], reference: mx.array) -> list[list]:
+def gguf_rows(
+    src: Path, work: Path, tokens: list[int], reference: mx.array, calibration: Path | None
+) -> tuple[list[list], dict]:
+    """GGUF Q4_K_M of `src` without and with our importance matrix, run by llama.cpp."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return [["GGUF Q4_K_M", "-", "-", "-", "-", "not run: llama-cpp-python is not installed"]]
+        return [["GGUF Q4_K_M", "-", "-", "-", "-", "not run: llama-cpp-python is not installed"]], {}
 
+    import gguf
     from mlxqwen.convert.evaluate import gguf_logits
 
-    rows = []
-    for name, options in (("GGUF Q4_K_M", {}), ("GGUF Q4_K_M + our imatrix", {"imatrix": True})):
-        out = work / f"{name.replace(' ', '_').replace('+', '')}.gguf"
+    rows, results = [], {}
+    imatrix = {"imatrix": True, "calibration": calibration and str(calibration)}
+    for name, options in (("GGUF Q4_K_M", {}), ("GGUF Q4_K_M + our imatrix", imatrix)):
+        out = work / f"{src.name}-Q4_K_M{'-imatrix' if options else ''}.gguf"
         start = time.perf_counter()
-        result = convert(src, out, to="gguf", quant="Q4_K_M", **options)
+        convert(src, out, to="gguf", quant="Q4_K_M", **options)
         seconds = time.perf_counter() - start
+        tensors = gguf.GGUFReader(out).tensors
+        bpw = 8 * sum(t.n_bytes for t in tensors) / sum(t.n_elements for t in tensors)
+        types = "/".join(sorted({t.tensor_type.name for t in tensors if len(t.shape) > 1}))
         q = compare(reference, gguf_logits(out, tokens), tokens)
-        rows.append([name, f"{result.bits_per_weight:.3f}", *_cells(q), f"{seconds:.0f} s"])
-    return rows
+        results[name] = {"bpw": bpw, "kl": q.kl, "top1": q.top1, "ppl": q.ppl_converted, "seconds": seconds}
+        rows.append([name, f"{bpw:.3f}", *_cells(q), f"{seconds:.0f} s, {types}"])
+    return rows, results
 
 
 def _cells(q: Quality) -> list[str]:
@@ -244,12 +253,6 @@ def run(case: Case, work: Path, dwq: bool = False) -> tuple[list[list], dict]:
         q = compare(reference, logits_of(model, tokens), tokens)
         results[name] = {"bpw": bpw, "kl": q.kl, "top1": q.top1, "ppl": q.ppl_converted, "seconds": seconds}
         rows.append([name, f"{bpw:.3f}", *_cells(q), f"{seconds:.0f} s"])
-
-    if kind == "gguf" and case.calibration is None:
-        for row in gguf_rows(src, work, tokens, reference):
-            rows.append(row)
-            results[row[0]] = row[1:5]
-        return [[f"{kind} (source ppl {_ppl(reference, tokens):.2f})", "", "", "", "", ""], *rows], results
 
     from mlx_lm import load as mlx_lm_load
 
@@ -281,6 +284,9 @@ def run(case: Case, work: Path, dwq: bool = False) -> tuple[list[list], dict]:
             rows.append([name, "-", "-", "-", "-", why])
         else:
             add(name, model, bits_per_weight(model), 0.0)
+    gguf, measured = gguf_rows(src, work, tokens, reference, case.calibration)
+    rows += gguf
+    results.update(measured)
     results["source perplexity"] = _ppl(reference, tokens)
     return [[f"{kind} (source ppl {_ppl(reference, tokens):.2f})", "", "", "", "", ""], *rows], results
 
@@ -292,7 +298,7 @@ def _ppl(reference: mx.array, tokens: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--models", default="random,outliers,gguf", help="built models; '' for none")
+    parser.add_argument("--models", default=",".join(KINDS), help="built models; '' for none")
     parser.add_argument("--trained", type=Path, nargs="*", default=[], help="demo-trainer HF directories")
     parser.add_argument("--dwq", action="store_true", help="also run mlx-lm's DWQ (it trains: slow on a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")

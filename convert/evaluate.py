@@ -40,7 +40,7 @@ def evaluate_models(
     if directory is not None:
         tokens = Tokenizer.from_dir(directory).encode(words)
     else:
-        tokens = _llama(ggufs[0], 0).tokenize(words.encode(), add_bos=False, special=True)
+        tokens = _gguf_tokens(ggufs[0], words)
     logits = [
         _logits(p, g, tokens, progress, label) for p, g, label in zip(paths, ggufs, ("source", "model"), strict=True)
     ]
@@ -62,32 +62,58 @@ def _logits(path: Path, gguf: Path | None, tokens: list[int], progress: Progress
     return layerwise_logits(model, tokens, progress, f"eval: {label}")
 
 
-def _llama(path: Path, context: int):
-    """llama.cpp on the GGUF at `path` (only its vocabulary when `context` is 0), with an fp32 K/V
-    cache so that the report measures the weights alone."""
+def _gguf_tokens(path: Path, words: str) -> list[int]:
+    """`words` in the tokenizer of the GGUF at `path`, as llama.cpp reads them."""
     import llama_cpp
 
-    f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(
-        str(path),
-        n_ctx=-(-max(context, 1) // 256) * 256,
-        logits_all=True,
-        vocab_only=context == 0,
-        type_k=f32,
-        type_v=f32,
-        verbose=False,
-    )
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    return llm.tokenize(words.encode(), add_bos=False, special=True)
 
 
 def gguf_logits(path: Path, tokens: list[int], progress: Progress | None = None, label: str = "eval") -> mx.array:
-    """Logits [T, V] of the GGUF at `path` at every position of `tokens`, in llama.cpp."""
-    llm = _llama(path, len(tokens))
-    if max(tokens) >= llm.n_vocab():
-        raise ConvertError(f"{path}: token id {max(tokens)} is outside its vocabulary ({llm.n_vocab()})")
-    task = add_task(progress, label, len(tokens)) if progress is not None else None
-    step = llm.n_batch
-    for start in range(0, len(tokens), step):
-        llm.eval(tokens[start : start + step])
-        if task is not None:
-            progress.update(task, completed=min(start + step, len(tokens)))
-    return mx.array(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    """Logits [T, V] of the GGUF at `path` at every position of `tokens`, in llama.cpp, loaded as
+    mlxqwen's llama.cpp runtime loads it (`model_params`: on CPUs with AMX, not through ggml's
+    AMX matmul, which crashes there), with an fp32 K/V cache so that the report measures the
+    weights alone."""
+    import llama_cpp as llama
+
+    from mlxqwen.backends.llama_cpp import PREFILL_CHUNK, default_threads, model_params
+
+    model = llama.llama_model_load_from_file(str(path).encode(), model_params())
+    if not model:
+        raise ConvertError(f"{path}: llama.cpp cannot load this model")
+    params = llama.llama_context_default_params()
+    params.n_ctx = -(-len(tokens) // 256) * 256
+    params.n_batch = params.n_ubatch = PREFILL_CHUNK
+    params.n_threads = params.n_threads_batch = default_threads()
+    params.type_k = params.type_v = llama.GGML_TYPE_F32
+    params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED  # on a CPU it would compute in float16
+    ctx = llama.llama_init_from_model(model, params)
+    batch = llama.llama_batch_init(PREFILL_CHUNK, 0, 1)
+    try:
+        if not ctx:
+            raise ConvertError(f"{path}: llama.cpp could not make a context of {len(tokens)} tokens")
+        vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
+        if max(tokens) >= vocab:
+            raise ConvertError(f"{path}: token id {max(tokens)} is outside its vocabulary ({vocab})")
+        task = add_task(progress, label, len(tokens)) if progress is not None else None
+        logits = np.empty((len(tokens), vocab), np.float32)
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            for i, token in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, start + i, 1, True
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = len(chunk)
+            if llama.llama_decode(ctx, batch) != 0:
+                raise ConvertError(f"{path}: llama.cpp could not evaluate tokens {start}-{start + len(chunk)}")
+            logits[start : start + len(chunk)] = np.ctypeslib.as_array(
+                llama.llama_get_logits(ctx), shape=(len(chunk), vocab)
+            )
+            if task is not None:
+                progress.update(task, completed=start + len(chunk))
+    finally:
+        llama.llama_batch_free(batch)
+        if ctx:
+            llama.llama_free(ctx)
+        llama.llama_model_free(model)
+    return mx.array(logits)

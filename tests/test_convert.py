@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import (
+    TOKENIZER_DIR,
     build_multimodal_reference,
     build_reference,
     fuse_experts,
@@ -44,9 +45,10 @@ def hf_checkpoint(arch: str, path: Path, **overrides) -> tuple[torch.nn.Module, 
     return ref, src
 
 
-def small_tokenizer(path: Path) -> None:
+def small_tokenizer(path: Path, qwen_pre_tokenizer: bool = False) -> None:
     """Replace the checkpoint's tokenizer by a byte-level BPE of under 512 tokens, so that a tiny
-    vocabulary covers the calibration text and the quality report stays fast."""
+    vocabulary covers the calibration text and the quality report stays fast; with
+    `qwen_pre_tokenizer`, splitting words as Qwen's does, so that llama.cpp recognises it (GGUF)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -59,6 +61,10 @@ def small_tokenizer(path: Path) -> None:
     )
     tok.train_from_iterator([TEXT], trainer)
     tok.save(str(path / "tokenizer.json"))
+    if qwen_pre_tokenizer:
+        tokenizer = json.loads((path / "tokenizer.json").read_text())
+        tokenizer["pre_tokenizer"] = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["pre_tokenizer"]
+        (path / "tokenizer.json").write_text(json.dumps(tokenizer))
 
 
 def add_mtp(path: Path, hidden: int = 64) -> None:
