@@ -14,8 +14,10 @@ held-out text (the quality report's text, never calibrated on), for
   note names the types llama.cpp chose.
 
 Trained models (`--trained DIR`, a Hugging Face directory the demo's trainer wrote, `python -m
-demo.train --no-ship --work W` -> `W/hf`): calibrated on 600 training chats of the demo's task and
-measured on its held-out questions (`demo.data`), both rendered with the model's chat template.
+demo.train --no-ship --work W` -> `W/hf`; the README's larger one: `--hidden-size 384
+--intermediate-size 1024 --layers 8 --attention-every 4 --chats 4000`): calibrated on 600
+training chats of the demo's task and measured on its held-out questions (`demo.data`), both
+rendered with the model's chat template.
 With `--dwq`, mlx-lm's DWQ runs too (its `dwq_quantize`: 4-bit g64 scales and biases distilled
 against the source on the calibration text, in samples of 256 tokens; learning rate 1e-5, since
 mlx-lm's default 1e-6 hardly moves them in the few dozen steps this much text gives). It trains,

@@ -315,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("build/demo"), help="where the full-precision model goes")
     parser.add_argument("--chats", type=int, default=Settings.chats, help="training chats (fewer: a quick run)")
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    # another size, for experiments (bench_quant's larger trained model); the shipped one is the default
+    parser.add_argument("--hidden-size", type=int, default=Settings.hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=Settings.intermediate_size)
+    parser.add_argument("--layers", type=int, default=Settings.layers)
+    parser.add_argument(
+        "--attention-every", type=int, default=Settings.full_attention_interval, help="full attention every n-th layer"
+    )
     parser.add_argument("--no-ship", action="store_true", help="train and evaluate only; leave the shipped files")
     # The model's ops are small: one thread beats two, which mostly wait for each other
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -322,7 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     console = Console()
-    settings = Settings(seed=args.seed, chats=args.chats)
+    settings = Settings(
+        seed=args.seed,
+        chats=args.chats,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        layers=args.layers,
+        full_attention_interval=args.attention_every,
+    )
     console.print(f"training with {torch.get_num_threads()} threads on {os.cpu_count()} CPUs: {settings}")
     model, mtp, tokenizer, seconds = train(settings, console)
     hf_dir = args.work / "hf"
