@@ -253,6 +253,7 @@ class Engine:
         self._think_close = runtime.tokenizer.token_to_id("</think>")
         self.depths = DepthChooser(fixed=mtp_depth)
         self._last_step: tuple[int, int, float, list[int]] | None = None  # depth, batch, start, guesses kept
+        self._timed = False  # whether only the last step ran since it started: then its time is its own
 
     # --- the callers' side ----------------------------------------------------------------
 
@@ -330,7 +331,7 @@ class Engine:
                     self._warm.clear()
                 self._idle = not (self._incoming or self._waiting or self._active or self._warm)
                 if self._idle:
-                    self._last_step = None  # the wait is not a step's time
+                    self._timed = False  # the wait is not a step's time
                     mx.clear_cache()  # MLX keeps freed buffers for reuse; idle, they go back to the system
                 self._lock.notify_all()
                 while not (self._incoming or self._waiting or self._active or self._warm or self._closing):
@@ -349,10 +350,10 @@ class Engine:
         self._admit()
         if self._warm:
             self._warm_chunk(self._warm[0])
-            self._last_step = None
+            self._timed = False
         elif prefilling := [s for s in self._active if not s.decoding]:
             self._prefill_chunk(prefilling[0])
-            self._last_step = None
+            self._timed = False
         self._decode_step()
 
     def _fail(self, error: Exception) -> None:
@@ -494,7 +495,8 @@ class Engine:
         now = time.perf_counter()
         if self._last_step is not None:  # a step's time: to the next one, when nothing else ran between
             depth, batch, start, kept = self._last_step
-            self.depths.record(depth, batch, now - start, kept)
+            self.depths.record(depth, batch, now - start if self._timed else None, kept)
+        self._timed = True
         constrained = any(s.constraint is not None for s in streams)
         depth = self.depths.choose(len(streams)) if self.runtime.mtp and not constrained else 0
         if depth and self._last_step is not None and self._last_step[0] == 0:
@@ -633,7 +635,7 @@ class Engine:
 
     def _finish(self, stream: _Stream, reason: str, stopped: bool = False) -> None:
         handle, runtime = stream.handle, self.runtime
-        self._last_step = None  # what follows (the cache's states) is not a step's time
+        self._timed = False  # what follows (the cache's states) is not a step's time
         if stream in self._active:
             self._active.remove(stream)
         events = stream.text.finish(stopped) if stream.text is not None else []

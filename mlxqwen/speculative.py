@@ -77,24 +77,33 @@ def _accept_in_turn(
 class DepthChooser:
     """Picks the depth with the most tokens per second: expected tokens per step (from the
     acceptance rate at each guess position) over the seconds per step at that depth and batch size:
-    the fastest of its last `window` steps, since what else runs on the machine only ever adds time.
-    Each depth is measured first, twice for a batch size (its first step builds new shapes, so it is
-    not counted); then now and then the other depth measured longest ago is measured again, so the
-    choice follows the machine and the text: after `probe` steps at least, and after as many as
-    keep what such a step costs beyond a step at the best depth within `probe_share` of the time
-    (a depth-3 step of the MTP head can cost several plain steps). `fixed` pins it."""
+    the fastest of its last `window` steady steps, since what else runs on the machine only ever
+    adds time. A step is steady when the one before it ran at the same depth and batch size: the
+    first after a change costs more (new shapes the first time; then the other depth's work still
+    in the caches), and counting it made a depth that is only ever probed look dearer than it is.
+    Each depth is measured first (two steady steps); then now and then the other depth measured
+    longest ago is measured again, for two steps, so the choice follows the machine and the text:
+    after `probe` steps at least, and after as many as keep what such steps cost beyond steps at the
+    best depth within `probe_share` of the time (a depth-3 step of the MTP head can cost several
+    plain steps). Once every depth has half a window of steps, each probe that leaves the best
+    depth as it was doubles the wait, `most_doublings` times at most. `fixed` pins it."""
 
     max_depth: int = MAX_DEPTH
     fixed: int | None = None
     probe: int = 32
     probe_share: float = 0.02
+    most_doublings: int = 5
     window: int = 8
-    times: dict[tuple[int, int], deque[float]] = field(default_factory=dict)  # (depth, batch) -> recent steps' seconds
-    measured: dict[tuple[int, int], int] = field(default_factory=dict)  # (depth, batch) -> the step last measured
+    times: dict[tuple[int, int], deque[float]] = field(default_factory=dict)  # (depth, batch) -> steady steps' seconds
+    measured: dict[tuple[int, int], int] = field(default_factory=dict)  # (depth, batch) -> the step last run
     accepted: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)  # guess j kept, given j-1 were
     proposed: list[float] = field(default_factory=lambda: [0.0] * MAX_DEPTH)
     steps: int = 0
     probed: int = 0  # the step of the last probe
+    confirmed: int = 0  # probes in a row that left the best depth as it was
+    probing: int | None = None  # the depth a probe runs again, for its steady step
+    best: int | None = None
+    previous: tuple[int, int] | None = None  # (depth, batch) of the last step
 
     def acceptance(self, j: int) -> float:
         return self.accepted[j] / self.proposed[j] if self.proposed[j] else 0.7
@@ -111,28 +120,36 @@ class DepthChooser:
         if self.fixed is not None:
             return self.fixed
         self.steps += 1
+        if self.probing is not None:
+            depth, self.probing = self.probing, None
+            return depth
         depths = range(self.max_depth + 1)
-        untried = [d for d in depths if (d, batch) not in self.times]
+        untried = [d for d in depths if len(self.times.get((d, batch), ())) < 2]  # one step may be unlucky
         if untried:
             return untried[0]
         seconds = {d: min(self.times[d, batch]) for d in depths}
         best = max(depths, key=lambda d: self.expected(d) / seconds[d])
-        since = self.steps - self.probed
-        if since >= self.probe:
-            stale = min((d for d in depths if d != best), key=lambda d: self.measured[d, batch])
-            extra = seconds[stale] / seconds[best] - 1  # what a probe costs, in steps at the best depth
-            if since >= extra / self.probe_share:
-                self.probed = self.steps
-                return stale
-        return best
+        if best != self.best:
+            self.best, self.confirmed = best, 0
+        stale = min((d for d in depths if d != best), key=lambda d: self.measured[d, batch])
+        extra = 2 * (seconds[stale] / seconds[best] - 1)  # what a probe costs, in steps at the best depth
+        wait = max(self.probe, extra / self.probe_share) * 2 ** min(self.confirmed, self.most_doublings)
+        if self.steps - self.probed < wait:
+            return best
+        self.probed, self.probing = self.steps, stale
+        if all(len(self.times[d, batch]) >= self.window // 2 for d in depths):  # estimates to trust
+            self.confirmed += 1
+        return stale
 
-    def record(self, depth: int, batch: int, seconds: float, kept: list[int] = ()) -> None:
-        """A step at `depth` over `batch` sequences took `seconds`; `kept`: guesses accepted per sequence."""
+    def record(self, depth: int, batch: int, seconds: float | None, kept: list[int] = ()) -> None:
+        """A step at `depth` over `batch` sequences took `seconds` (None: other work ran in that time);
+        `kept`: guesses accepted per sequence."""
         for n in kept:
             for j in range(min(n + 1, depth)):
                 self.proposed[j] = 0.95 * self.proposed[j] + 1
                 self.accepted[j] = 0.95 * self.accepted[j] + (j < n)
         key = (depth, batch)
-        if key in self.measured:  # not the first step: that one built new shapes
+        if seconds is not None and key == self.previous:
             self.times.setdefault(key, deque(maxlen=self.window)).append(seconds)
+        self.previous = key
         self.measured[key] = self.steps
