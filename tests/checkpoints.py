@@ -173,12 +173,18 @@ def add_mtp_head(path: Path, head: MTPReference) -> Path:
     return path
 
 
-def reference_draft(model, head: MTPReference, tokens: list[int], depth: int) -> tuple[int, list[int]]:
+def reference_draft(
+    model, head: MTPReference, tokens: list[int], depth: int, recent: int | None = None
+) -> tuple[int, list[int]]:
     """The model's greedy next token after `tokens`, and the head's `depth` greedy guesses at the
-    tokens after it, chained: each guess is read with the head's own output at the step before."""
+    tokens after it, chained: each guess is read with the head's own output at the step before.
+    recent: the head reads only that many last positions (their model's hidden states are still
+    those of the whole sequence)."""
     with torch.no_grad():
         hidden = model.model(torch.tensor([tokens])).last_hidden_state
         following = [*tokens[1:], int(model.lm_head(hidden[0, -1]).argmax())]
+        if recent is not None:
+            hidden, tokens, following = hidden[:, -recent:], tokens[-recent:], following[-recent:]
         for _ in range(depth):
             out = head(hidden, torch.tensor([following]))[:, -1:]
             following.append(int(model.lm_head(out[0, -1]).argmax()))

@@ -138,6 +138,26 @@ def test_verify_commit_keeps_the_head_in_step(with_head):
     runtime.close()
 
 
+def test_the_head_forgets_what_plain_steps_fed_it(with_head):
+    """While nothing drafts, the head does not read what the model reads: past twice
+    `HEAD_RECENT` tokens it keeps only the last of them, and then drafts what transformers' head
+    computes reading those (the model's hidden states still those of the whole sequence)."""
+    model, head, _, path = with_head
+    runtime = load(path)
+    recent = llama_cpp_backend.HEAD_RECENT
+    tokens = np.random.RandomState(3).randint(0, 151_000, 5).tolist()
+    seq, following = fed(runtime, tokens)
+    for _ in range(2 * recent + 10):
+        tokens.append(following)
+        following = int(greedy(runtime.decode([seq], mx.array([following])))[0])
+    assert recent <= len(seq.unread) < 2 * recent
+    assert llama_cpp_backend.llama.llama_memory_seq_pos_max(runtime.head_memory, seq.slot) == -1
+    unread = len(seq.unread)
+    guesses = runtime.draft([seq], mx.array([following]), DEPTH, greedy).tolist()[0]
+    assert (following, guesses) == reference_draft(model, head, tokens, DEPTH, recent=unread + 1)
+    runtime.close()
+
+
 def test_snapshots_carry_the_head(with_head):
     """A snapshot restored (also through save/load, the prefix cache's disk form) drafts as the
     sequence it was taken from; one without the head's state restarts the head: it still drafts."""

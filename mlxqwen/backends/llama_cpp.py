@@ -22,7 +22,10 @@ type LLAMA_CONTEXT_TYPE_MTP, as llama.cpp's own speculative decoding does: every
 target reads is also read by the head, paired with the target's hidden state (after its final
 norm) at the token before, which the target outputs for every token (`llama_set_embeddings_nextn`,
 llama.cpp's staging API that llama-cpp-python binds in `llama_cpp_ext`). The head reads them
-lazily, in one batch with its first guess (`draft`); its own K/V is cut like the target's."""
+lazily, in one batch with its first guess (`draft`); its own K/V is cut like the target's. While
+no guesses are made (the engine found they do not pay), the head forgets all but the last
+`HEAD_RECENT` tokens instead of reading them: a restart of its K/V (llama.cpp takes a sequence's
+first position anywhere), so that plain decoding pays only for the target's hidden states."""
 
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from ..tokenizer import Tokenizer
 from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
+HEAD_RECENT = 128  # tokens the MTP head still reads after a stretch without guesses
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest
 
 # K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`)
@@ -224,7 +228,10 @@ class LlamaCppRuntime(Runtime):
     def decode(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
         ids = tokens.tolist()  # waits for the engine's draws
         logits = self._decode([(seq, [t]) for seq, t in zip(seqs, ids, strict=True)], logits=True)[:, 0]
-        self.catch_up([seq for seq in seqs if len(seq.unread) >= PREFILL_CHUNK])  # while nothing drafts
+        for seq in seqs:
+            if len(seq.unread) >= 2 * HEAD_RECENT:  # nothing drafts: the head forgets what it has not read
+                llama.llama_memory_seq_rm(self.head_memory, seq.slot, -1, -1)
+                del seq.unread[:-HEAD_RECENT]
         return logits
 
     def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
