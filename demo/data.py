@@ -4,9 +4,12 @@ unit conversions (the same multiplication), look-ups in a built-in table of fact
 few replies about the model itself.
 
 The thinking writes out the column method one digit at a time, which is what lets a model
-this small add and multiply numbers it has never seen. Held-out questions are fixed by a
-checksum of what they ask (operands, unit and amount, fact and phrasing), so training never
-sees them and every run holds out the same ones."""
+this small add and multiply numbers it has never seen; with thinking off, the answer shows the
+same steps before the result (`Example.reply`), so the model never guesses a sum in one go.
+Numbers of three digits or more are declined. Questions are now and then typed carelessly
+(lower case, a missing space), as people do. Held-out questions are fixed by a checksum of what
+they ask (operands, unit and amount, fact and phrasing), so training never sees them and every
+run holds out the same ones."""
 
 from __future__ import annotations
 
@@ -108,12 +111,16 @@ UNITS = [
 
 ABOUT = (
     "I am the mlxqwen demo model: a tiny Qwen3.5 trained in a few minutes. I can add, subtract and "
-    "multiply, convert units, and tell you capitals and chemical symbols. For real use, run: "
-    "mlxqwen pull Qwen/Qwen3.6-27B"
+    "multiply numbers below 100, convert units, and tell you capitals and chemical symbols. For real "
+    "use, run: mlxqwen pull Qwen/Qwen3.6-27B"
 )
 OUT_OF_SCOPE = (
     "That is beyond this tiny demo model: I only know arithmetic, unit conversions, capitals and "
     "chemical symbols. For a real assistant, run: mlxqwen pull Qwen/Qwen3.6-27B"
+)
+TOO_LARGE = (
+    "That is beyond this tiny demo model: I only add, subtract and multiply numbers below 100. For "
+    "a real assistant, run: mlxqwen pull Qwen/Qwen3.6-27B"
 )
 
 _ADD = ["What is {a} + {b}?", "What is {a} plus {b}?", "Calculate {a} + {b}.", "{a} + {b} = ?", "{a}+{b}",
@@ -140,7 +147,8 @@ _TOPICS = ["the sea", "love", "quantum physics", "my homework", "cooking pasta",
            "philosophy"]  # fmt: skip
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant.", "Answer briefly."]
 
-FAMILIES = {"add": 0.16, "sub": 0.18, "mul": 0.24, "convert": 0.2, "fact": 0.18, "about": 0.04}
+FAMILIES = {"add": 0.16, "sub": 0.18, "mul": 0.24, "convert": 0.2, "fact": 0.18, "about": 0.04, "large": 0.04}
+WORKED = ("add", "sub", "mul", "convert")  # families whose answer shows its steps when thinking is off
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,13 @@ class Example:
     thinking: str
     answer: str
     key: str  # what decides the train / held-out split
+
+    def reply(self, think: bool) -> str:
+        """What the model writes after its thinking; with thinking off, worked families write the
+        thinking's steps first, then the answer."""
+        if think or self.family not in WORKED:
+            return self.answer
+        return "\n".join([*self.thinking.splitlines()[:-1], self.answer])
 
 
 def held_out(key: str, share: int = 10) -> bool:
@@ -204,6 +219,9 @@ def _phrase(rng: random.Random, template: str, **values: object) -> str:
     text = template.format(**values)
     if rng.random() < 0.15:  # people type carelessly
         text = text[0].lower() + text[1:]
+    if rng.random() < 0.1 and (spaces := [i for i, c in enumerate(text) if c == " "]):
+        i = rng.choice(spaces)
+        text = text[:i] + text[i + 1 :]
     return text
 
 
@@ -221,6 +239,13 @@ def arithmetic(rng: random.Random, op: str, a: int, b: int) -> Example:
     line = f"{a} {sign} {b} = {result}"
     key = f"{op}:{min(a, b)}:{max(a, b)}" if op == "mul" else f"{op}:{a}:{b}"
     return Example(op, question, "\n".join([*steps, line]), line + ".", key)
+
+
+def too_large(rng: random.Random, op: str, a: int, b: int) -> Example:
+    """A question with a number of three digits or more: declined."""
+    templates = {"add": _ADD, "sub": _SUB, "mul": _MUL}[op]
+    question = _phrase(rng, rng.choice(templates), a=a, b=b)
+    return Example("large", question, "A number of three digits or more.", TOO_LARGE, f"large:{op}:{a}:{b}")
 
 
 def conversion(rng: random.Random, unit: int, n: int) -> Example:
@@ -273,6 +298,11 @@ def _draw(rng: random.Random, family: str) -> Example:
         return arithmetic(rng, "mul", *((a, d) if rng.random() < 0.8 else (d, a)))
     if family == "convert":
         return conversion(rng, rng.randrange(len(UNITS)), rng.randrange(2, 10))
+    if family == "large":
+        big = rng.randrange(100, 10 ** rng.randrange(3, 7))
+        small = rng.randrange(10 ** rng.randrange(1, 7))
+        a, b = (big, small) if rng.random() < 0.5 else (small, big)
+        return too_large(rng, rng.choice(["add", "sub", "mul"]), a, b)
     if family == "fact":
         table = rng.choice(["capital", "symbol"])
         names = list(CAPITALS if table == "capital" else SYMBOLS)
@@ -306,7 +336,7 @@ def conversation(rng: random.Random) -> tuple[list[Example], str | None, bool]:
     """A training chat: one or two exchanges, an optional system prompt, thinking on or off."""
     turns = [sample(rng) for _ in range(2 if rng.random() < 0.15 else 1)]
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.1 else None
-    return turns, system, rng.random() >= 0.15
+    return turns, system, rng.random() >= 0.25
 
 
 def test_set(per_family: int, seed: int = 1234) -> list[Example]:

@@ -1,10 +1,11 @@
 """Held-out accuracy of the demo model: `python -m demo.evaluate [HF_DIR] [--shipped]`.
 
-Each form answers the same held-out questions (`data.test_set`), greedily, thinking on; an
-answer counts when it is exactly the expected one. The full-precision model runs in
+Each form answers the same held-out questions (`data.test_set`), greedily, with thinking on
+and with it off; an answer counts when it is exactly the expected one (with thinking off,
+arithmetic shows its steps first: `Example.reply`). The full-precision model runs in
 transformers (the reference); the shipped forms through `mlxqwen.load` and its engine, the
 MLX 4-bit form on MLX, the GGUF form on llama.cpp. Exit status 1 when the full-precision model is
-under 90 % or a shipped form more than 5 points below it."""
+under 90 % or a shipped form more than 5 points below it, in either mode."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from . import data
 MAX_TOKENS = 160
 TARGET, TOLERANCE = 90.0, 5.0
 
-Answerer = Callable[[list[str]], list[tuple[str, str]]]  # questions -> (thinking, answer) each
+Answerer = Callable[[list[str], bool], list[tuple[str, str]]]  # questions, thinking -> (thinking, answer) each
 
 
 def split_reply(text: str) -> tuple[str, str]:
@@ -43,10 +44,10 @@ def transformers_answers(hf_dir: Path) -> Answerer:
     template = ChatTokenizer.from_dir(hf_dir).chat_template
     pad, end = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|im_end|>")
 
-    def answer(questions: list[str]) -> list[tuple[str, str]]:
+    def answer(questions: list[str], think: bool) -> list[tuple[str, str]]:
         replies = []
         for start in range(0, len(questions), 50):
-            prompts = [tokenizer.encode(template.render([{"role": "user", "content": q}])).ids
+            prompts = [tokenizer.encode(template.render([{"role": "user", "content": q}], enable_thinking=think)).ids
                        for q in questions[start : start + 50]]  # fmt: skip
             width = max(map(len, prompts))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -74,10 +75,10 @@ def engine_answers(path: Path, backend: str) -> Answerer:
 
     llm = load(path, backend=backend, max_context=1024)
 
-    def answer(questions: list[str]) -> list[tuple[str, str]]:
+    def answer(questions: list[str], think: bool) -> list[tuple[str, str]]:
         replies = []
         for q in questions:
-            done = last(llm.stream(q, temperature=0.0, max_tokens=MAX_TOKENS))
+            done = last(llm.stream(q, temperature=0.0, max_tokens=MAX_TOKENS, think=think))
             replies.append((done.thinking.strip(), done.text.strip()))
         return replies
 
@@ -113,13 +114,13 @@ def mtp_accuracy(hf_dir: Path, examples: list[data.Example]) -> float:
     return 100 * right / total
 
 
-def accuracy(answer: Answerer, examples: list[data.Example]) -> dict[str, float]:
+def accuracy(answer: Answerer, examples: list[data.Example], think: bool = True) -> dict[str, float]:
     """Percent right per family, and overall under "all"."""
-    replies = answer([e.question for e in examples])
+    replies = answer([e.question for e in examples], think)
     right: dict[str, list[bool]] = {}
     for example, (_, reply) in zip(examples, replies, strict=True):
-        right.setdefault(example.family, []).append(reply == example.answer)
-        right.setdefault("all", []).append(reply == example.answer)
+        right.setdefault(example.family, []).append(reply == example.reply(think))
+        right.setdefault("all", []).append(reply == example.reply(think))
     return {family: 100 * sum(r) / len(r) for family, r in right.items()}
 
 
@@ -140,21 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         forms[f"GGUF {GGUF_QUANT} (llama.cpp)"] = lambda: engine_answers(model_path("gguf"), "llama.cpp")
     results = {}
     for name, make in forms.items():
-        with console.status(f"evaluating {name} on {len(examples)} held-out questions"):
-            results[name] = accuracy(make(), examples)
+        answerer = make()
+        for think in (True, False):
+            with console.status(f"evaluating {name} on {len(examples)} held-out questions"):
+                results[name, think] = accuracy(answerer, examples, think)
     families = [*data.FAMILIES, "all"]
     table = Table(title=f"held-out accuracy, % ({len(examples)} questions)")
     table.add_column("form")
+    table.add_column("thinking")
     for family in families:
         table.add_column(family, justify="right")
-    for name, scores in results.items():
-        table.add_row(name, *(f"{scores.get(f, float('nan')):.1f}" for f in families))
+    for (name, think), scores in results.items():
+        table.add_row(name, "on" if think else "off", *(f"{scores.get(f, float('nan')):.1f}" for f in families))
     console.print(table)
     with console.status("measuring the MTP head"):
         drafted = mtp_accuracy(args.hf_dir, examples)
     console.print(f"MTP head (full precision): {drafted:.1f} % of held-out reply tokens drafted right")
-    reference = results["full precision (transformers)"]["all"]
-    ok = reference >= TARGET and all(reference - r["all"] <= TOLERANCE for r in results.values())
+    ok = True
+    for think in (True, False):
+        reference = results["full precision (transformers)", think]["all"]
+        ok &= reference >= TARGET and all(
+            reference - scores["all"] <= TOLERANCE for (_, mode), scores in results.items() if mode == think
+        )
     return 0 if ok else 1
 
 

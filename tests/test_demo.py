@@ -64,6 +64,14 @@ def test_examples_are_right_and_held_out_ones_never_train():
             if family in ("add", "sub", "mul"):
                 a, sign, b = re.match(r"(\d+) (\S) (\d+) =", example.answer).groups()
                 assert example.answer == f"{a} {sign} {b} = {eval(a + sign.replace('×', '*') + b)}."
+            if family in data.WORKED:  # thinking off: the steps, then the answer
+                assert example.reply(False).splitlines() == [*example.thinking.splitlines()[:-1], example.answer]
+            else:
+                assert example.reply(False) == example.answer
+            if family == "large":
+                assert max(map(int, re.findall(r"\d+", example.question))) >= 100
+                assert example.answer == data.TOO_LARGE
+            assert example.reply(True) == example.answer
     assert data.arithmetic(rng, "add", 85, 27).thinking.splitlines() == [
         "5 + 7 = 12, carry 1",
         "8 + 2 + 1 = 11",
@@ -108,9 +116,11 @@ def test_encode_chat_masks_the_replies_as_a_session_sees_them():
         f"\n</think>\n\n37 + 48 = 85.<|im_end|>\n<|im_start|>user\n{examples[1].question}<|im_end|>\n"
         f"<|im_start|>assistant\n<think>\n{examples[1].thinking}\n</think>\n\n{examples[1].answer}<|im_end|>"
     )
-    ids, mask = train.encode_chat(tokenizer, TEMPLATE, examples[:1], None, False)
-    assert decode([i for i, m in zip(ids, mask, strict=True) if m]) == "37 + 48 = 85.<|im_end|>"
-    assert decode(ids).endswith("<think>\n\n</think>\n\n37 + 48 = 85.<|im_end|>")
+    ids, mask = train.encode_chat(tokenizer, TEMPLATE, examples, None, False)
+    worked = "7 + 8 = 15, carry 1\n3 + 4 + 1 = 8\n37 + 48 = 85."
+    replies = decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert replies == f"{worked}<|im_end|>{examples[1].answer}<|im_end|>"
+    assert f"<think>\n\n</think>\n\n{worked}<|im_end|>" in decode(ids)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ reply in llama-cpp-python's own API."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -74,7 +76,7 @@ def test_both_forms_guess_with_the_mtp_head(form, backend):
     llm = load(model_path(form), backend=backend, mtp_depth=3)
     assert llm.runtime.mtp and not plain.runtime.mtp
     chat, reference = llm.chat(max_tokens=200), plain.chat(max_tokens=200)
-    for question in (QUESTION, "What is the capital of Peru?", "What is 487 × 6?"):
+    for question in (QUESTION, "What is the capital of Peru?", "What is 87 × 6?"):
         done, expected = chat.send(question), reference.send(question)
         assert (done.thinking, done.text) == (expected.thinking, expected.text)
         assert done.stats.accepted_tokens > 0.6 * done.stats.draft_tokens > 0
@@ -94,10 +96,34 @@ def test_gguf_form_runs_in_llama_cpp_itself():
     assert split_reply(out["choices"][0]["text"]) == (THINKING, "37 + 48 = 85.")
 
 
+@pytest.mark.parametrize("think", [True, False], ids=["thinking", "no-thinking"])
 @pytest.mark.parametrize("form, backend", [("mlx", "mlx"), ("gguf", "llama.cpp")])
-def test_shipped_forms_answer_held_out_questions(form, backend):
+def test_shipped_forms_answer_held_out_questions(form, backend, think):
     """A sample of the evaluation (python -m demo.evaluate --shipped runs all of it)."""
     if backend == "llama.cpp":
         pytest.importorskip("llama_cpp")
-    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6))
+    scores = accuracy(engine_answers(model_path(form), backend), data.test_set(6), think)
     assert scores["all"] >= 90, scores
+
+
+@pytest.mark.parametrize(
+    "question, flags, answer",
+    [
+        ("What is 98765 × 7?", [], data.TOO_LARGE),
+        ("What is 98765 × 7?", ["--no-think"], data.TOO_LARGE),
+        ("What is 37 + 48?", ["--no-think"], "7 + 8 = 15, carry 1\n3 + 4 + 1 = 8\n37 + 48 = 85."),
+        ("capital ofJapan?", [], "The capital of Japan is Tokyo."),
+        ("capital ofJapan?", ["--no-think"], "The capital of Japan is Tokyo."),
+    ],
+)
+def test_what_broke_the_demo_through_the_cli(question, flags, answer):
+    """The cases a new user hit (issue 11): a number too large is declined, a sum without thinking
+    shows its steps and is right, careless typing still finds the fact."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mlxqwen"), "generate", "mlxqwen-demo", "-p", question, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == answer
