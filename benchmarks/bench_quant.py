@@ -107,7 +107,8 @@ def trained_case(src: Path, work: Path) -> Case:
     template = Tokenizer.from_dir(src).chat_template
 
     def render(example: data.Example, think: bool = True) -> str:
-        reply = {"role": "assistant", "content": example.answer, "reasoning_content": example.thinking if think else ""}
+        thinking = example.thinking if think else ""
+        reply = {"role": "assistant", "content": example.reply(think), "reasoning_content": thinking}
         messages = [{"role": "user", "content": example.question}, reply]
         return template.render(messages, add_generation_prompt=False, enable_thinking=think)
 
