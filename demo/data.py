@@ -7,15 +7,15 @@ The thinking writes out the column method one digit at a time, which is what let
 this small add and multiply numbers it has never seen; with thinking off, the answer shows the
 same steps before the result (`Example.reply`), so the model never guesses a sum in one go.
 Numbers of three digits or more are declined. Questions are now and then typed carelessly
-(lower case, a missing space), as people do. Held-out questions are fixed by a checksum of what
-they ask (operands, unit and amount, fact and phrasing), so training never sees them and every
-run holds out the same ones."""
+(lower case, a missing space, often the one before a name or number), as people do.
+Held-out questions are fixed by a checksum of what they ask (operands, unit and amount, fact
+and phrasing), so training never sees them and every run holds out the same ones."""
 
 from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CAPITALS = {
     "France": "Paris",
@@ -216,8 +216,12 @@ def mul_steps(a: int, d: int) -> list[str]:
 
 
 def _phrase(rng: random.Random, template: str, **values: object) -> str:
+    slots = [i for i in range(len(template)) if template.startswith(" {", i)]
+    if rng.random() < 0.15 and slots:  # people type carelessly: the space before a name or number goes missing
+        i = rng.choice(slots)
+        template = template[:i] + template[i + 1 :]
     text = template.format(**values)
-    if rng.random() < 0.15:  # people type carelessly
+    if rng.random() < 0.15:
         text = text[0].lower() + text[1:]
     if rng.random() < 0.1 and (spaces := [i for i, c in enumerate(text) if c == " "]):
         i = rng.choice(spaces)
@@ -270,6 +274,12 @@ def fact(rng: random.Random, table: str, name: str, phrasing: int) -> Example:
         question = _phrase(rng, _SYMBOL[phrasing], x=name)
         thinking, answer = f"{name}: symbol {symbol}", f"The chemical symbol for {name} is {symbol}."
     return Example("fact", question, thinking, answer, f"{table}:{name}:{phrasing}")
+
+
+def glued(example: Example) -> Example:
+    """A fact question as typed carelessly: the space before the name dropped ("capital ofJapan?")."""
+    name = example.key.split(":")[1]
+    return replace(example, family="glued", question=example.question.replace(f" {name}", name, 1))
 
 
 def about(rng: random.Random, request: int, topic: int) -> Example:

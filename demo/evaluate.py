@@ -1,7 +1,8 @@
 """Held-out accuracy of the demo model: `python -m demo.evaluate [HF_DIR] [--shipped]`.
 
-Each form answers the same held-out questions (`data.test_set`), greedily, with thinking on
-and with it off; an answer counts when it is exactly the expected one (with thinking off,
+Each form answers the same held-out questions (`data.test_set`, and its fact questions again
+with the space before the name dropped: "glued", not counted in "all"), greedily, with thinking
+on and with it off; an answer counts when it is exactly the expected one (with thinking off,
 arithmetic shows its steps first: `Example.reply`). The full-precision model runs in
 transformers (the reference); the shipped forms through `mlxqwen.load` and its engine, the
 MLX 4-bit form on MLX, the GGUF form on llama.cpp. Exit status 1 when the full-precision model is
@@ -115,13 +116,20 @@ def mtp_accuracy(hf_dir: Path, examples: list[data.Example]) -> float:
 
 
 def accuracy(answer: Answerer, examples: list[data.Example], think: bool = True) -> dict[str, float]:
-    """Percent right per family, and overall under "all"."""
+    """Percent right per family, and overall under "all" (of the families in `data.FAMILIES`)."""
     replies = answer([e.question for e in examples], think)
     right: dict[str, list[bool]] = {}
     for example, (_, reply) in zip(examples, replies, strict=True):
         right.setdefault(example.family, []).append(reply == example.reply(think))
-        right.setdefault("all", []).append(reply == example.reply(think))
+        if example.family in data.FAMILIES:
+            right.setdefault("all", []).append(reply == example.reply(think))
     return {family: 100 * sum(r) / len(r) for family, r in right.items()}
+
+
+def questions(per_family: int) -> list[data.Example]:
+    """The held-out questions, and their fact questions again as typed carelessly (`data.glued`)."""
+    examples = data.test_set(per_family)
+    return examples + [data.glued(e) for e in examples if e.family == "fact"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-family", type=int, default=40, help="held-out questions per family (default 40)")
     args = parser.parse_args(argv)
     console = Console()
-    examples = data.test_set(args.per_family)
+    examples = questions(args.per_family)
     forms: dict[str, Callable[[], Answerer]] = {
         "full precision (transformers)": lambda: transformers_answers(args.hf_dir)
     }
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for think in (True, False):
             with console.status(f"evaluating {name} on {len(examples)} held-out questions"):
                 results[name, think] = accuracy(answerer, examples, think)
-    families = [*data.FAMILIES, "all"]
+    families = [*data.FAMILIES, "glued", "all"]
     table = Table(title=f"held-out accuracy, % ({len(examples)} questions)")
     table.add_column("form")
     table.add_column("thinking")
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(name, "on" if think else "off", *(f"{scores.get(f, float('nan')):.1f}" for f in families))
     console.print(table)
     with console.status("measuring the MTP head"):
-        drafted = mtp_accuracy(args.hf_dir, examples)
+        drafted = mtp_accuracy(args.hf_dir, [e for e in examples if e.family in data.FAMILIES])
     console.print(f"MTP head (full precision): {drafted:.1f} % of held-out reply tokens drafted right")
     ok = True
     for think in (True, False):

@@ -87,6 +87,19 @@ def test_examples_are_right_and_held_out_ones_never_train():
     assert data.conversion(rng, 5, 7).answer == "7 hours = 420 minutes."
 
 
+def test_careless_typing_glues_names_in_training_and_evaluation():
+    """Now and then a training question drops the space before the name it asks about, as the
+    evaluation's "glued" questions do ("capital ofJapan?")."""
+    rng = random.Random(0)
+    facts = [data.sample(rng, "fact") for _ in range(1000)]
+    glued = [e for e in facts if (name := e.key.split(":")[1]) in e.question and f" {name}" not in e.question]
+    assert 0.08 < len(glued) / len(facts) < 0.25
+    japan = data.fact(random.Random(0), "capital", "Japan", 0)
+    assert japan.question == "What is the capital of Japan?"
+    assert data.glued(japan).question == "What is the capital ofJapan?"
+    assert data.glued(japan).answer == "The capital of Japan is Tokyo."
+
+
 def test_tokenizer_keeps_qwen_layout():
     tokenizer = train_tokenizer(["What is 37 + 48?", "The capital of France is Paris."] * 50, 300)
     regular = tokenizer.get_vocab_size(with_added_tokens=False)
