@@ -68,7 +68,8 @@ def test_the_process_ends_cleanly_when_a_model_is_dropped_on_the_way_out(env):
     script = (
         "import mlxqwen\n"
         "def ask():\n"
-        "    return mlxqwen.load('mlxqwen-demo', backend='mlx').generate('The capital of Japan', raw=True, max_tokens=8)\n"
+        "    llm = mlxqwen.load('mlxqwen-demo', backend='mlx')\n"
+        "    return llm.generate('The capital of Japan', raw=True, max_tokens=8)\n"
         "print(ask() == ask())\n"
     )
     api = run(env, sys.executable, "-c", script)
