@@ -24,6 +24,7 @@ import mlx.core as mx
 from .sampling import Sampler
 
 MAX_DEPTH = 3
+HEAD_RECENT = 128  # tokens the MTP head still reads after a stretch without guesses
 
 
 def accept(sampler: Sampler, logits: mx.array, guesses: list[int], drafts: list[mx.array]) -> tuple[list[int], int]:

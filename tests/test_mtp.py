@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import MTPReference, add_mtp_head, build_reference, save_checkpoint
+from checkpoints import MTPReference, add_mtp_head, build_reference, reference_draft, save_checkpoint
 from scipy.stats import chi2_contingency
 
 import mlxqwen
@@ -19,7 +19,7 @@ from mlxqwen.demo import model_path
 from mlxqwen.engine import Request
 from mlxqwen.llm import last
 from mlxqwen.loader import load_model
-from mlxqwen.speculative import DepthChooser
+from mlxqwen.speculative import HEAD_RECENT, DepthChooser
 
 HEADED = ["qwen3_5_text", "qwen3_5_moe_text"]
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and then", "1 2 3 4 5 6 7 8 9 10", "A"]
@@ -133,6 +133,32 @@ def test_state_after_refused_guesses_equals_plain_decoding(headed):
     for row, reference in enumerate(plain):
         expected = np.array(runtime.decode([reference], nexts[row : row + 1])[0])
         np.testing.assert_allclose(got[row], expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_the_head_forgets_what_plain_steps_fed_it(headed):
+    """While nothing drafts, the head does not read what the model reads: past twice `HEAD_RECENT`
+    tokens it keeps only the last of them, and then drafts what Qwen's head computes reading those
+    (the model's hidden states still those of the whole sequence). Restored cut shorter, a snapshot
+    taken then has its head cut by as many positions."""
+    path, ref, head = headed["qwen3_5_text"]
+    runtime = mlxqwen.load(path, dtype=mx.float32, mtp=True).runtime
+    tokens = np.random.RandomState(3).randint(0, 151_000, 5).tolist()
+    seq = runtime.new_sequence()
+    runtime.prefill(seq, tokens[:-1])
+    following = runtime.decode([seq], mx.array(tokens[-1:])).argmax(axis=-1).item()
+    for _ in range(2 * HEAD_RECENT + 10):
+        tokens.append(following)
+        following = runtime.decode([seq], mx.array([following])).argmax(axis=-1).item()
+    assert HEAD_RECENT <= seq.waiting_pairs < 2 * HEAD_RECENT and seq.head_cache.offset == 0
+    unread = seq.waiting_pairs
+    guesses = runtime.draft([seq], mx.array([following]), 3, lambda logits: mx.argmax(logits, axis=-1))
+    assert (following, guesses.tolist()[0]) == reference_draft(ref, head, tokens, 3, recent=unread + 1)
+
+    snapshot = runtime.snapshot(seq)
+    assert seq.head_cache.offset == unread + 1 < seq.length - 1
+    restored = runtime.new_sequence()
+    runtime.restore(restored, snapshot, snapshot.length - 5)
+    assert restored.head_cache.offset == unread + 1 - 5
 
 
 def test_head_loading(headed, tmp_path):

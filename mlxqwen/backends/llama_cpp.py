@@ -51,12 +51,11 @@ from ..checkpoint import read_json
 from ..config import Yarn, parse_yarn
 from ..errors import ModelLoadError
 from ..sampling import GenerationOptions, recommended_sampling
-from ..speculative import MAX_DEPTH
+from ..speculative import HEAD_RECENT, MAX_DEPTH
 from ..tokenizer import Tokenizer
 from .runtime import Runtime
 
 PREFILL_CHUNK = 512  # tokens per llama_decode call while reading a prompt
-HEAD_RECENT = 128  # tokens the MTP head still reads after a stretch without guesses
 DEFAULT_CONTEXT = 32768  # llama.cpp allocates the whole K/V cache up front, so the default stays modest
 
 # K/V cache types: the compute dtype's (as MLX's `dtype`), or 8/4-bit blocks (`kv_bits`)

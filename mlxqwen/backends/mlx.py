@@ -7,8 +7,10 @@ each sequence's own K/V (see `mlxqwen.cache`). One sequence alone runs on its ow
 
 With the model's MTP head (`model.mtp`), each sequence also keeps the head's K/V cache, whose
 entry t is the pair (hidden state t, token t+1). Every forward pass yields such pairs; the head
-reads them when it next drafts (in one pass), and at once while a prompt is read, so that what
-waits stays small."""
+reads them when it next drafts (in one pass), and at once while a prompt is read. While no
+guesses are made (the engine found they do not pay), the head forgets all but the last
+`HEAD_RECENT` pairs instead of reading them, so that plain decoding does not pay for it; its
+K/V then starts later than the sequence (`restore` cuts it by positions from the end)."""
 
 from __future__ import annotations
 
@@ -31,10 +33,9 @@ from ..checkpoint import has_weights, read_json
 from ..config import ModelConfig, Yarn, parse_yarn
 from ..loader import default_dtype, load_model, model_from_config
 from ..sampling import GenerationOptions, recommended_sampling
+from ..speculative import HEAD_RECENT
 from ..tokenizer import Tokenizer
 from .runtime import Runtime
-
-_MOST_WAITING = 64  # pairs the MTP head may have yet to read before it reads them anyway
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Sequence:
         # the MTP head's state: its K/V, the pairs it has yet to read, the last hidden state (its token to come)
         self.head_cache = KVCache() if head else None
         self.waiting: list[tuple[mx.array, mx.array]] = []  # (hidden [1, n, H], tokens [n])
+        self.waiting_pairs = 0
         self.last_hidden: mx.array | None = None  # [1, 1, H]
 
 
@@ -128,8 +130,8 @@ class MLXRuntime(Runtime):
             seq.length += 1
             if self.mtp:
                 self._pairs(seq, hidden[i : i + 1], tokens[i : i + 1])
-        if self.mtp and max(len(s.waiting) for s in seqs) >= _MOST_WAITING:
-            self._read_pairs(seqs)
+                if seq.waiting_pairs >= 2 * HEAD_RECENT:  # nothing drafts: the head forgets what it has not read
+                    self._forget(seq)
         return self.model.head(hidden[:, -1])
 
     def verify(self, seqs: Sequence[_Sequence], tokens: mx.array) -> mx.array:
@@ -194,12 +196,20 @@ class MLXRuntime(Runtime):
             tokens = tokens[1:]  # the first token of a sequence follows no hidden state
         if tokens.size:
             seq.waiting.append((hidden, tokens))
+            seq.waiting_pairs += tokens.size
+
+    def _forget(self, seq: _Sequence) -> None:
+        """Empty the head's K/V and keep only the last `HEAD_RECENT` pairs waiting."""
+        hidden = mx.concatenate([h for h, _ in seq.waiting], axis=1)
+        tokens = mx.concatenate([t for _, t in seq.waiting])
+        seq.waiting, seq.waiting_pairs = [(hidden[:, -HEAD_RECENT:], tokens[-HEAD_RECENT:])], HEAD_RECENT
+        seq.head_cache = KVCache()
 
     def _read_pairs(self, seqs: Sequence[_Sequence], always: bool = False) -> mx.array | None:
         """Let the head read every waiting pair, in one pass over the batch (rows padded to the
         longest, the padding dropped from its cache after). Returns its output at each row's last pair
         (`always`: even when none waits; such a row's output guesses blindly)."""
-        counts = [sum(t.size for _, t in seq.waiting) for seq in seqs]
+        counts = [seq.waiting_pairs for seq in seqs]
         width = max(counts + [int(always)])
         if not width:
             return None
@@ -212,7 +222,7 @@ class MLXRuntime(Runtime):
             pad = width - h.shape[1]  # repeat the last pair: read, then cut from the cache
             hidden.append(mx.concatenate([h] + [h[:, -1:]] * pad, axis=1) if pad else h)
             tokens.append(mx.concatenate([t] + [t[-1:]] * pad) if pad else t)
-            seq.waiting = []
+            seq.waiting, seq.waiting_pairs = [], 0
         out = self.model.mtp(mx.concatenate(hidden), self.model.embed(mx.stack(tokens)), self._head_caches(seqs))
         for seq, n in zip(seqs, counts, strict=True):
             seq.head_cache.commit(width, n)
@@ -238,8 +248,8 @@ class MLXRuntime(Runtime):
                 c.offset = length
         seq.length = length
         if self.mtp and snapshot.head is not None:
-            seq.head_cache.restore(snapshot.head)
-            seq.head_cache.offset = min(seq.head_cache.offset, length - 1)
+            seq.head_cache.restore(snapshot.head)  # its last entry is the pair before the snapshot's last token
+            seq.head_cache.offset = max(0, seq.head_cache.offset - (snapshot.length - length))
             # cut back, the hidden state before the next token is unknown: that one pair is skipped
             seq.last_hidden = snapshot.last_hidden if length == snapshot.length else None
 
