@@ -107,9 +107,7 @@ def trained_case(src: Path, work: Path) -> Case:
     template = Tokenizer.from_dir(src).chat_template
 
     def render(example: data.Example, think: bool = True) -> str:
-        thinking = example.thinking if think else ""
-        reply = {"role": "assistant", "content": example.reply(think), "reasoning_content": thinking}
-        messages = [{"role": "user", "content": example.question}, reply]
+        messages = [{"role": "user", "content": example.question}, example.reply_message(think)]
         return template.render(messages, add_generation_prompt=False, enable_thinking=think)
 
     rng = random.Random(0)

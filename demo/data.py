@@ -166,6 +166,10 @@ class Example:
             return self.answer
         return "\n".join([*self.thinking.splitlines()[:-1], self.answer])
 
+    def reply_message(self, think: bool) -> dict[str, str]:
+        """The assistant's turn as the chat template takes it (no thinking when `think` is off)."""
+        return {"role": "assistant", "content": self.reply(think), "reasoning_content": self.thinking if think else ""}
+
 
 def held_out(key: str, share: int = 10) -> bool:
     """One key in `share` is held out, by a checksum that is the same on every machine."""

@@ -120,9 +120,10 @@ def accuracy(answer: Answerer, examples: list[data.Example], think: bool = True)
     replies = answer([e.question for e in examples], think)
     right: dict[str, list[bool]] = {}
     for example, (_, reply) in zip(examples, replies, strict=True):
-        right.setdefault(example.family, []).append(reply == example.reply(think))
+        ok = reply == example.reply(think)
+        right.setdefault(example.family, []).append(ok)
         if example.family in data.FAMILIES:
-            right.setdefault("all", []).append(reply == example.reply(think))
+            right.setdefault("all", []).append(ok)
     return {family: 100 * sum(r) / len(r) for family, r in right.items()}
 
 

@@ -135,8 +135,7 @@ def encode_chat(
     for i, example in enumerate(turns):
         head = [{"role": "system", "content": system}] if system is not None and i == 0 else []
         user = {"role": "user", "content": example.question}
-        thinking = example.thinking if think else ""
-        reply = {"role": "assistant", "content": example.reply(think), "reasoning_content": thinking}
+        reply = example.reply_message(think)
         prompt = template.render([*head, user], enable_thinking=think)
         full = template.render([*head, user, reply], add_generation_prompt=False)
         assert full.startswith(prompt) and full.endswith("<|im_end|>\n"), "chat template changed"

@@ -53,7 +53,7 @@ class _Sequence:
         # the MTP head's state: its K/V, the pairs it has yet to read, the last hidden state (its token to come)
         self.head_cache = KVCache() if head else None
         self.waiting: list[tuple[mx.array, mx.array]] = []  # (hidden [1, n, H], tokens [n])
-        self.waiting_pairs = 0
+        self.waiting_pairs = 0  # the pairs in `waiting`, counted as they come: the decode step checks it
         self.last_hidden: mx.array | None = None  # [1, 1, H]
 
 
