@@ -63,17 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet = contextlib.nullcontext()
     if "MLX_RANK" in os.environ:  # one of the processes mlx.launch started (see mlxqwen.distributed)
-        from .distributed import quiet_followers
+        from .distributed import quiet_followers, report_follower_failure
 
         quiet = quiet_followers()
     with command_line_wording():
-        try:
-            with quiet:
-                return int(args.func(args) or 0)
-        except (ValueError, OSError) as e:  # mlxqwen's errors are ValueErrors with a one-line message
-            return error(args.command, e)
-        except KeyboardInterrupt:
-            return 130
+        with quiet as held:
+            try:
+                status = int(args.func(args) or 0)
+            except (ValueError, OSError) as e:  # mlxqwen's errors are ValueErrors with a one-line message
+                status = error(args.command, e)
+            except KeyboardInterrupt:
+                return 130
+        if status and held is not None:
+            report_follower_failure(held)
+        return status
 
 
 if __name__ == "__main__":

@@ -60,15 +60,30 @@ def rank() -> int:
     return g.rank() if g is not None else 0
 
 
+# A follower that fails waits this long before saying why: when rank 0 fails the same way (a bad
+# argument) it says so first and the launcher ends the others, so the user reads one line; when
+# the follower fails alone (its part does not load), its line comes after the wait.
+FOLLOWER_GRACE_S = 3.0
+
+
 @contextlib.contextmanager
-def quiet_followers() -> Iterator[None]:
-    """Rank 0 alone talks to the user: the others' output is dropped while this runs (an error
-    that ends the block is still reported by the caller, once it is left)."""
+def quiet_followers() -> Iterator[io.StringIO | None]:
+    """Rank 0 alone talks to the user: the others' output is dropped while this runs, except what
+    they write to stderr, held (yielded; None on rank 0) for `report_follower_failure`."""
     if rank() == 0:
-        yield
+        yield None
         return
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    held = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(held):
+        yield held
+
+
+def report_follower_failure(held: io.StringIO) -> None:
+    """Say on stderr why this follower failed, after FOLLOWER_GRACE_S (it ends sooner, quietly, when
+    the launcher ends it because rank 0 failed first)."""
+    time.sleep(FOLLOWER_GRACE_S)
+    sys.stderr.write(held.getvalue())
+    sys.stderr.flush()
 
 
 def split(costs: list[int], memories: list[int]) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ import pytest
 from checkpoints import build_reference, save_checkpoint
 from serving import running, serve_command
 
+from mlxqwen import distributed
 from mlxqwen.backends.mlx import split_sizing
 from mlxqwen.cli import main
 from mlxqwen.distributed import pipeline_layers, split
@@ -232,3 +233,13 @@ def test_serve_under_mlx_launch_answers_as_one_process(models, tmp_path):
 def test_serve_under_mlx_launch_serves_one_model(models):
     done = run(launch(2, MLXQWEN, "serve", str(models["chat"]), str(models["qwen3"]), "--port", "0"))
     assert "mlxqwen serve: error: under mlx.launch, serve one MODEL" in done.stderr
+
+
+def test_a_follower_that_fails_alone_says_why(monkeypatch, capsys):
+    # rank 0 failing the same way would have said it first and ended this process during the wait
+    monkeypatch.setenv("MLX_RANK", "1")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "FOLLOWER_GRACE_S", 0)
+    assert main(["generate", "no-such-model", "-p", "hi"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("mlxqwen generate: error: ") and out.err.count("\n") == 1
